@@ -1,0 +1,31 @@
+# creditledger: every command installs what it needs into .venv first.
+VENV    := .venv
+PY      := $(VENV)/bin/python
+CLI     := $(VENV)/bin/creditledger
+STAMP   := $(VENV)/.installed-stamp
+PYTHON3 ?= python3
+
+.PHONY: install test check lint migrate serve worker bench demo clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON3) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check shim tests bench
+	$(VENV)/bin/ruff format --check shim tests bench
+
+check: lint test
+
+migrate: $(STAMP)
+	$(CLI) migrate
+
+clean:
+	rm -rf $(VENV) .pgdata demo-output bench/out

@@ -1,0 +1,177 @@
+-- Auto-recharge: claims taken in SQL when a debit crosses the threshold, charged off-session by
+-- the worker with the claim's idempotency key, settled by whichever of the worker and the
+-- webhook reports first.
+
+-- Take a claim when the org is below its threshold and none is pending or cooling down.
+-- Callers hold the wallet lock; the advisory lock and the partial unique index make the rule
+-- hold even for a caller that does not (DESIGN.md: never a session-level advisory lock).
+CREATE OR REPLACE FUNCTION billing._maybe_claim_recharge(p_org_id uuid)
+  RETURNS bigint
+  LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = ''
+AS $$
+DECLARE
+  w billing.wallets;
+  v_amount bigint;
+  v_claim_id bigint;
+BEGIN
+  SELECT * INTO w FROM billing.wallets WHERE org_id = p_org_id;
+  IF NOT w.auto_recharge_enabled OR w.stripe_payment_method_id IS NULL
+     OR w.balance_minor >= w.auto_recharge_threshold_minor THEN
+    RETURN NULL;
+  END IF;
+
+  PERFORM pg_catalog.pg_advisory_xact_lock(
+    pg_catalog.hashtextextended('creditledger.recharge:' || p_org_id::text, 0));
+  IF EXISTS (SELECT 1 FROM billing.recharge_claims
+              WHERE org_id = p_org_id
+                AND (status = 'pending' OR (status = 'failed' AND cooldown_until > now()))) THEN
+    RETURN NULL;
+  END IF;
+
+  -- One charge that brings the balance back to threshold + amount, never less than amount,
+  -- never more than the operator's cap.
+  v_amount := LEAST(
+    GREATEST(w.auto_recharge_amount_minor,
+             w.auto_recharge_threshold_minor + w.auto_recharge_amount_minor - w.balance_minor),
+    (billing._settings()).max_auto_recharge_minor);
+
+  INSERT INTO billing.recharge_claims AS c (org_id, amount_minor, currency, status, idempotency_key)
+  VALUES (p_org_id, v_amount, w.currency, 'pending',
+          'creditledger-recharge-' || pg_catalog.gen_random_uuid()::text)
+  ON CONFLICT DO NOTHING
+  RETURNING c.id INTO v_claim_id;
+  RETURN v_claim_id;
+END
+$$;
+
+-- Hand due claims to the worker: each leased for a short while so that a crashed worker's
+-- claim is picked up again, with the same idempotency key (Stripe then replays, never recharges).
+CREATE OR REPLACE FUNCTION api.lease_recharge_claims(max_claims integer DEFAULT 10)
+  RETURNS TABLE (
+    claim_id bigint, org_id uuid, amount_minor bigint, currency text, idempotency_key text,
+    stripe_customer_id text, stripe_payment_method_id text, attempts integer)
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = ''
+AS $$
+BEGIN
+  IF max_claims IS NULL OR max_claims NOT BETWEEN 1 AND 1000 THEN
+    PERFORM billing._invalid('max_claims', 'must be between 1 and 1000');
+  END IF;
+  RETURN QUERY
+    WITH due AS (
+      SELECT c.id FROM billing.recharge_claims AS c
+       WHERE c.status = 'pending' AND (c.leased_until IS NULL OR c.leased_until < now())
+       ORDER BY c.id
+       LIMIT max_claims
+       FOR UPDATE SKIP LOCKED)
+    UPDATE billing.recharge_claims AS c
+       SET leased_until = now() + (billing._settings()).recharge_lease, attempts = c.attempts + 1
+      FROM due, billing.wallets AS w
+     WHERE c.id = due.id AND w.org_id = c.org_id
+    RETURNING c.id, c.org_id, c.amount_minor, c.currency, c.idempotency_key,
+              w.stripe_customer_id, w.stripe_payment_method_id, c.attempts;
+END
+$$;
+GRANT EXECUTE ON FUNCTION api.lease_recharge_claims(integer) TO service_role;
+
+-- A recharge PaymentIntent succeeded: credit it (keyed on the PaymentIntent, like every Stripe
+-- payment) and close the claim. The wallet is locked by the credit before the claim is touched.
+CREATE OR REPLACE FUNCTION billing._recharge_succeeded(
+  p_claim_id bigint, p_payment_intent_id text, p_amount_minor bigint, p_currency text,
+  p_details jsonb)
+  RETURNS api.op_result
+  LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = ''
+AS $$
+DECLARE
+  c billing.recharge_claims;
+  r api.op_result;
+BEGIN
+  SELECT * INTO c FROM billing.recharge_claims WHERE id = p_claim_id;
+  IF NOT FOUND THEN
+    PERFORM billing._invalid('recharge_claim_id', pg_catalog.format('no claim %s', p_claim_id));
+  END IF;
+  r := billing._credit_stripe_payment(c.org_id, p_payment_intent_id, p_amount_minor, p_currency,
+                                      'auto_recharge', p_details);
+  IF r.status IN ('applied', 'duplicate') THEN
+    UPDATE billing.recharge_claims
+       SET status = 'succeeded', payment_intent_id = p_payment_intent_id, settled_at = now(),
+           leased_until = NULL, failure_code = NULL
+     WHERE id = p_claim_id AND status <> 'succeeded';
+    UPDATE billing.wallets SET auto_recharge_failures = 0 WHERE org_id = c.org_id;
+  END IF;
+  RETURN r;
+END
+$$;
+
+-- A recharge was declined: the claim fails and cools down (no retry storm); after the
+-- operator's number of consecutive failures, auto-recharge is switched off and the org told.
+CREATE OR REPLACE FUNCTION billing._recharge_failed(
+  p_claim_id bigint, p_failure_code text, p_payment_intent_id text)
+  RETURNS api.op_result
+  LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = ''
+AS $$
+DECLARE
+  c billing.recharge_claims;
+  w billing.wallets;
+  s billing.settings := billing._settings();
+BEGIN
+  SELECT * INTO c FROM billing.recharge_claims WHERE id = p_claim_id;
+  IF NOT FOUND THEN
+    PERFORM billing._invalid('recharge_claim_id', pg_catalog.format('no claim %s', p_claim_id));
+  END IF;
+  w := billing._lock_wallet(c.org_id);
+  UPDATE billing.recharge_claims
+     SET status = 'failed', failure_code = coalesce(p_failure_code, 'unknown'),
+         payment_intent_id = coalesce(p_payment_intent_id, payment_intent_id),
+         cooldown_until = now() + s.recharge_cooldown, settled_at = now(), leased_until = NULL
+   WHERE id = p_claim_id AND status = 'pending';
+  IF NOT FOUND THEN
+    RETURN billing._result('duplicate', c.org_id, c.failure_code);
+  END IF;
+
+  UPDATE billing.wallets SET auto_recharge_failures = auto_recharge_failures + 1
+   WHERE org_id = c.org_id
+  RETURNING * INTO w;
+  INSERT INTO billing.notifications (org_id, kind, details)
+  VALUES (c.org_id, 'auto_recharge_failed',
+          pg_catalog.jsonb_build_object('claim_id', p_claim_id, 'failure_code', p_failure_code,
+                                        'consecutive_failures', w.auto_recharge_failures));
+  IF w.auto_recharge_failures >= s.recharge_max_failures AND w.auto_recharge_enabled THEN
+    UPDATE billing.wallets
+       SET auto_recharge_enabled = false,
+           auto_recharge_disabled_reason = pg_catalog.format(
+             '%s consecutive failures, last: %s', w.auto_recharge_failures, p_failure_code),
+           version = version + 1, updated_at = now()
+     WHERE org_id = c.org_id;
+    INSERT INTO billing.notifications (org_id, kind, details)
+    VALUES (c.org_id, 'auto_recharge_disabled',
+            pg_catalog.jsonb_build_object('consecutive_failures', w.auto_recharge_failures,
+                                          'failure_code', p_failure_code));
+  END IF;
+  RETURN billing._result('rejected', c.org_id, coalesce(p_failure_code, 'unknown'));
+END
+$$;
+
+-- The worker reports what Stripe answered for a claim's PaymentIntent.
+CREATE OR REPLACE FUNCTION api.record_recharge_result(
+  claim_id bigint, outcome text, payment_intent_id text DEFAULT NULL,
+  amount_minor bigint DEFAULT NULL, currency text DEFAULT NULL, failure_code text DEFAULT NULL)
+  RETURNS api.op_result
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = ''
+AS $$
+BEGIN
+  IF claim_id IS NULL THEN
+    PERFORM billing._invalid('claim_id', 'must not be null');
+  END IF;
+  IF outcome = 'succeeded' THEN
+    PERFORM billing._check_key('payment_intent_id', payment_intent_id);
+    PERFORM billing._check_amount('amount_minor', amount_minor);
+    RETURN billing._recharge_succeeded(claim_id, payment_intent_id, amount_minor, currency,
+                                       pg_catalog.jsonb_build_object('recorded_by', 'worker'));
+  ELSIF outcome = 'failed' THEN
+    RETURN billing._recharge_failed(claim_id, failure_code, payment_intent_id);
+  END IF;
+  PERFORM billing._invalid('outcome', 'must be succeeded or failed');
+  RETURN NULL;
+END
+$$;
+GRANT EXECUTE ON FUNCTION api.record_recharge_result(bigint, text, text, bigint, text, text) TO service_role;

@@ -1,0 +1,124 @@
+-- Top-ups through Stripe Checkout: one SQL call decides whether a session exists or may be
+-- created, so that a double click, a retry and two tabs produce one session.
+
+-- The answer of begin_checkout / record_checkout_session for one request row.
+CREATE OR REPLACE FUNCTION billing._checkout_answer(c billing.checkout_requests, p_status text)
+  RETURNS jsonb
+  LANGUAGE sql IMMUTABLE SECURITY INVOKER SET search_path = ''
+AS $$
+  SELECT pg_catalog.jsonb_build_object(
+    'status', p_status, 'request_id', c.id, 'org_id', c.org_id,
+    'client_request_id', c.client_request_id, 'amount_minor', c.amount_minor,
+    'currency', c.currency, 'idempotency_key', c.idempotency_key,
+    'session_id', c.session_id, 'checkout_url', c.checkout_url)
+$$;
+
+-- Called by the platform frontend's user (through the shim, under the user's JWT).
+-- status: 'existing' (return this session), 'create' (you hold the lease: call Stripe with
+-- idempotency_key, then record_checkout_session), 'pending' (another request holds the lease:
+-- ask again shortly), 'conflict' (this client_request_id was used for another amount).
+CREATE OR REPLACE FUNCTION api.begin_checkout(amount_minor bigint, client_request_id uuid)
+  RETURNS jsonb
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = ''
+AS $$
+DECLARE
+  v_org uuid := billing._require_caller_org();
+  s billing.settings := billing._settings();
+  w billing.wallets;
+  c billing.checkout_requests;
+BEGIN
+  IF coalesce(billing._caller_org_role(), '') NOT IN ('owner', 'admin', 'member') THEN
+    RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = 'caller is not a member of the organisation';
+  END IF;
+  IF client_request_id IS NULL THEN
+    PERFORM billing._invalid('client_request_id', 'must not be null');
+  END IF;
+  IF amount_minor IS NULL OR amount_minor NOT BETWEEN s.min_top_up_minor AND s.max_top_up_minor THEN
+    PERFORM billing._invalid('amount_minor',
+      pg_catalog.format('must be between %s and %s', s.min_top_up_minor, s.max_top_up_minor));
+  END IF;
+
+  -- Serialise this org's checkout decisions on its wallet row.
+  w := billing._lock_wallet(v_org);
+  IF w.org_id IS NULL THEN
+    RAISE EXCEPTION USING ERRCODE = 'P0002', MESSAGE = 'no wallet for the caller''s organisation';
+  END IF;
+
+  SELECT * INTO c FROM billing.checkout_requests AS cr
+   WHERE cr.org_id = v_org AND cr.client_request_id = begin_checkout.client_request_id;
+  IF FOUND AND c.amount_minor <> begin_checkout.amount_minor THEN
+    RETURN billing._checkout_answer(c, 'conflict');
+  END IF;
+  IF NOT FOUND THEN
+    -- Another tab asking for the same amount moments ago gets that session too.
+    SELECT * INTO c FROM billing.checkout_requests AS cr
+     WHERE cr.org_id = v_org AND cr.amount_minor = begin_checkout.amount_minor
+       AND cr.status IN ('creating', 'open')
+       AND cr.created_at > now() - s.checkout_dedupe_window
+     ORDER BY cr.created_at DESC LIMIT 1;
+  END IF;
+  IF NOT FOUND THEN
+    INSERT INTO billing.checkout_requests AS cr (
+      org_id, client_request_id, amount_minor, currency, status, idempotency_key, lease_until,
+      requested_by)
+    VALUES (v_org, begin_checkout.client_request_id, begin_checkout.amount_minor, w.currency,
+            'creating',
+            pg_catalog.format('creditledger-checkout-%s-%s-1', v_org, begin_checkout.client_request_id),
+            now() + s.checkout_lease, auth.uid())
+    RETURNING * INTO c;
+    RETURN billing._checkout_answer(c, 'create');
+  END IF;
+
+  IF c.status IN ('open', 'completed') AND (c.session_expires_at IS NULL OR c.session_expires_at > now()) THEN
+    RETURN billing._checkout_answer(c, 'existing');
+  ELSIF c.status = 'creating' AND c.lease_until > now() THEN
+    RETURN billing._checkout_answer(c, 'pending');
+  ELSIF c.status = 'creating' THEN
+    -- The lease holder died: take over with the same key, so Stripe replays its session if the
+    -- first creation got through.
+    UPDATE billing.checkout_requests SET lease_until = now() + s.checkout_lease, updated_at = now()
+     WHERE id = c.id RETURNING * INTO c;
+    RETURN billing._checkout_answer(c, 'create');
+  END IF;
+  -- The session expired unpaid: a new attempt, under a new key.
+  UPDATE billing.checkout_requests
+     SET status = 'creating', attempt = attempt + 1, session_id = NULL, checkout_url = NULL,
+         session_expires_at = NULL, lease_until = now() + s.checkout_lease, updated_at = now(),
+         idempotency_key = pg_catalog.format('creditledger-checkout-%s-%s-%s', org_id,
+                                             client_request_id, attempt + 1)
+   WHERE id = c.id RETURNING * INTO c;
+  RETURN billing._checkout_answer(c, 'create');
+END
+$$;
+GRANT EXECUTE ON FUNCTION api.begin_checkout(bigint, uuid) TO authenticated;
+
+-- The shim records the session Stripe created for a request it held the lease of.
+CREATE OR REPLACE FUNCTION api.record_checkout_session(
+  request_id bigint, session_id text, checkout_url text, expires_at timestamptz DEFAULT NULL)
+  RETURNS jsonb
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = ''
+AS $$
+DECLARE
+  c billing.checkout_requests;
+BEGIN
+  PERFORM billing._check_key('session_id', session_id);
+  IF checkout_url IS NULL OR checkout_url = '' THEN
+    PERFORM billing._invalid('checkout_url', 'must not be empty');
+  END IF;
+  UPDATE billing.checkout_requests AS cr
+     SET status = 'open', session_id = record_checkout_session.session_id,
+         checkout_url = record_checkout_session.checkout_url,
+         session_expires_at = record_checkout_session.expires_at, lease_until = NULL,
+         updated_at = now()
+   WHERE cr.id = request_id AND cr.status = 'creating'
+  RETURNING * INTO c;
+  IF NOT FOUND THEN
+    SELECT * INTO c FROM billing.checkout_requests AS cr WHERE cr.id = request_id;
+    IF NOT FOUND THEN
+      PERFORM billing._invalid('request_id', 'no such checkout request');
+    END IF;
+  END IF;
+  RETURN billing._checkout_answer(c, 'existing');
+END
+$$;
+GRANT EXECUTE ON FUNCTION api.record_checkout_session(bigint, text, text, timestamptz) TO service_role;

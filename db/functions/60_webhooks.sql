@@ -1,0 +1,496 @@
+-- The webhook inbox: every event is stored and applied in one transaction, or stored as failed
+-- for the worker. What each provider's event means is decided here, not in Python.
+
+-- A uuid from untrusted text, or null (a bad org id in metadata must not fail the event).
+CREATE OR REPLACE FUNCTION billing._uuid_or_null(p_text text)
+  RETURNS uuid
+  LANGUAGE plpgsql IMMUTABLE SECURITY INVOKER SET search_path = ''
+AS $$
+BEGIN
+  RETURN p_text::uuid;
+EXCEPTION WHEN invalid_text_representation THEN
+  RETURN NULL;
+END
+$$;
+
+-- What interpreting an event left behind: the inbox status, the org and the money result.
+CREATE OR REPLACE FUNCTION billing._outcome(
+  p_status text, p_org_id uuid, p_result api.op_result DEFAULT NULL, p_note text DEFAULT NULL)
+  RETURNS jsonb
+  LANGUAGE sql IMMUTABLE SECURITY INVOKER SET search_path = ''
+AS $$
+  SELECT pg_catalog.jsonb_strip_nulls(pg_catalog.jsonb_build_object(
+    'status', p_status, 'org_id', p_org_id, 'note', p_note,
+    'result', CASE WHEN p_result.status IS NOT NULL THEN pg_catalog.to_jsonb(p_result) END))
+$$;
+
+-- Turn a money result into an inbox outcome: a currency mismatch is stored, not applied, and
+-- raised as a discrepancy; an unknown org is a failure the worker retries (the wallet may be
+-- opened later); everything else is processed.
+CREATE OR REPLACE FUNCTION billing._money_outcome(
+  p_org_id uuid, r api.op_result, p_provider text, p_ref text, p_evidence jsonb)
+  RETURNS jsonb
+  LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = ''
+AS $$
+BEGIN
+  IF r.reason = 'unknown_org' THEN
+    RAISE EXCEPTION USING ERRCODE = 'P0002',
+      MESSAGE = pg_catalog.format('no wallet for org %s', p_org_id);
+  ELSIF r.reason = 'currency_mismatch' THEN
+    INSERT INTO billing.discrepancies (provider, kind, ref, org_id, evidence)
+    VALUES (p_provider, 'currency_mismatch', p_ref, p_org_id, p_evidence)
+    ON CONFLICT DO NOTHING;
+    RETURN billing._outcome('ignored', p_org_id, r, 'currency_mismatch');
+  END IF;
+  RETURN billing._outcome('processed', p_org_id, r);
+END
+$$;
+
+-- Credit a Stripe payment, keyed on its PaymentIntent whichever event (or the worker) reports
+-- it first: Checkout completion and payment_intent.succeeded credit once between them.
+CREATE OR REPLACE FUNCTION billing._credit_stripe_payment(
+  p_org_id uuid, p_payment_intent_id text, p_amount_minor bigint, p_currency text,
+  p_kind text, p_details jsonb)
+  RETURNS api.op_result
+  LANGUAGE sql VOLATILE SECURITY INVOKER SET search_path = ''
+AS $$
+  SELECT billing._move_money(
+    p_org_id, p_amount_minor, p_kind, 'stripe:payment_intent:' || p_payment_intent_id,
+    pg_catalog.jsonb_build_object('op', 'stripe_payment', 'org_id', p_org_id,
+                                  'payment_intent', p_payment_intent_id,
+                                  'amount_minor', p_amount_minor, 'kind', p_kind),
+    'stripe', 'stripe:payment_intent:' || p_payment_intent_id,
+    p_details || pg_catalog.jsonb_build_object('payment_intent', p_payment_intent_id),
+    now(), lower(p_currency))
+$$;
+
+-- The org a Stripe payment was credited to, or an error (retried by the worker): a refund or
+-- dispute for a payment this system never credited is not applied to a guessed org.
+CREATE OR REPLACE FUNCTION billing._stripe_payment_org(p_payment_intent_id text)
+  RETURNS uuid
+  LANGUAGE plpgsql STABLE SECURITY INVOKER SET search_path = ''
+AS $$
+DECLARE
+  v_org uuid;
+BEGIN
+  SELECT org_id INTO v_org FROM billing.ledger_entries
+   WHERE provider_ref = 'stripe:payment_intent:' || p_payment_intent_id;
+  IF v_org IS NULL THEN
+    RAISE EXCEPTION USING ERRCODE = 'P0002',
+      MESSAGE = pg_catalog.format('payment %s has not been credited (yet)', p_payment_intent_id);
+  END IF;
+  RETURN v_org;
+END
+$$;
+
+-- Move money for one step of a refund or dispute of a credited payment, keyed on that step.
+CREATE OR REPLACE FUNCTION billing._stripe_adjustment(
+  p_payment_intent_id text, p_amount_minor bigint, p_currency text, p_kind text, p_ref text,
+  p_object jsonb)
+  RETURNS jsonb
+  LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = ''
+AS $$
+DECLARE
+  v_org uuid := billing._stripe_payment_org(p_payment_intent_id);
+  r api.op_result;
+BEGIN
+  IF p_amount_minor IS NULL OR p_amount_minor = 0 THEN
+    RETURN billing._outcome('ignored', v_org, NULL, 'zero_amount');
+  END IF;
+  r := billing._move_money(
+    v_org, p_amount_minor, p_kind, p_ref,
+    pg_catalog.jsonb_build_object('op', p_kind, 'ref', p_ref, 'amount_minor', p_amount_minor),
+    'stripe', p_ref,
+    pg_catalog.jsonb_build_object('payment_intent', p_payment_intent_id,
+                                  'stripe_object', p_object ->> 'id', 'status', p_object ->> 'status'),
+    coalesce(pg_catalog.to_timestamp((p_object ->> 'created')::double precision), now()),
+    lower(p_currency));
+  RETURN billing._money_outcome(v_org, r, 'stripe', p_ref,
+                                pg_catalog.jsonb_build_object('object', p_object ->> 'id',
+                                                              'currency', p_currency));
+END
+$$;
+
+-- One Stripe refund object: debit once per refund id (never from the charge's cumulative
+-- amount_refunded); a refund that later fails or is canceled is credited back once.
+CREATE OR REPLACE FUNCTION billing._apply_stripe_refund(p_refund jsonb)
+  RETURNS jsonb
+  LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = ''
+AS $$
+DECLARE
+  v_id text := p_refund ->> 'id';
+  v_pi text := p_refund ->> 'payment_intent';
+  v_amount bigint := (p_refund ->> 'amount')::bigint;
+BEGIN
+  IF v_pi IS NULL THEN
+    RETURN billing._outcome('ignored', NULL, NULL, 'refund_without_payment_intent');
+  END IF;
+  IF p_refund ->> 'status' IN ('failed', 'canceled') THEN
+    IF NOT EXISTS (SELECT 1 FROM billing.ledger_entries WHERE provider_ref = 'stripe:refund:' || v_id) THEN
+      RETURN billing._outcome('ignored', NULL, NULL, 'refund_never_debited');
+    END IF;
+    RETURN billing._stripe_adjustment(v_pi, v_amount, p_refund ->> 'currency', 'refund_reversal',
+                                      'stripe:refund:' || v_id || ':reversed', p_refund);
+  END IF;
+  RETURN billing._stripe_adjustment(v_pi, -v_amount, p_refund ->> 'currency', 'refund',
+                                    'stripe:refund:' || v_id, p_refund);
+END
+$$;
+
+-- Every refund listed on a charge.refunded event's charge (when Stripe included the list).
+CREATE OR REPLACE FUNCTION billing._apply_stripe_charge_refunds(p_charge jsonb)
+  RETURNS jsonb
+  LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = ''
+AS $$
+DECLARE
+  v_refund jsonb;
+  v_results jsonb := '[]';
+  v_last jsonb;
+BEGIN
+  IF pg_catalog.jsonb_typeof(p_charge -> 'refunds' -> 'data') IS DISTINCT FROM 'array' THEN
+    -- Recent API versions do not expand charge.refunds: the refund.* events carry each refund.
+    RETURN billing._outcome('ignored', NULL, NULL, 'refunds_not_listed');
+  END IF;
+  FOR v_refund IN SELECT * FROM pg_catalog.jsonb_array_elements(p_charge -> 'refunds' -> 'data') LOOP
+    v_last := billing._apply_stripe_refund(
+      v_refund || pg_catalog.jsonb_build_object(
+        'payment_intent', coalesce(v_refund ->> 'payment_intent', p_charge ->> 'payment_intent')));
+    v_results := v_results || pg_catalog.jsonb_build_array(v_last -> 'result');
+  END LOOP;
+  RETURN pg_catalog.jsonb_build_object('status', 'processed', 'org_id', v_last -> 'org_id',
+                                       'refunds', v_results);
+END
+$$;
+
+-- Stripe: what each event type means for the ledger.
+CREATE OR REPLACE FUNCTION billing._apply_stripe_event(p_type text, p_event jsonb)
+  RETURNS jsonb
+  LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = ''
+AS $$
+DECLARE
+  o jsonb := p_event -> 'data' -> 'object';
+  v_org uuid;
+  v_amount bigint;
+  v_claim bigint;
+  r api.op_result;
+BEGIN
+  CASE
+  WHEN p_type IN ('checkout.session.completed', 'checkout.session.async_payment_succeeded') THEN
+    IF o ->> 'payment_status' IS DISTINCT FROM 'paid' THEN
+      -- Delayed payment methods complete unpaid; async_payment_succeeded follows.
+      RETURN billing._outcome('ignored', NULL, NULL, 'not_paid');
+    END IF;
+    v_amount := (o ->> 'amount_total')::bigint;
+    IF coalesce(v_amount, 0) = 0 THEN
+      RETURN billing._outcome('ignored', NULL, NULL, 'zero_amount');
+    END IF;
+    v_org := billing._uuid_or_null(coalesce(o ->> 'client_reference_id', o -> 'metadata' ->> 'org_id'));
+    IF v_org IS NULL THEN
+      RETURN billing._outcome('unattributed', NULL, NULL, 'no_org_on_session');
+    END IF;
+    r := billing._credit_stripe_payment(
+      v_org, coalesce(o ->> 'payment_intent', o ->> 'id'), v_amount, o ->> 'currency', 'top_up',
+      pg_catalog.jsonb_build_object('checkout_session', o ->> 'id', 'event', p_event ->> 'id'));
+    UPDATE billing.checkout_requests SET status = 'completed', updated_at = now()
+     WHERE session_id = o ->> 'id' AND r.status IN ('applied', 'duplicate');
+    RETURN billing._money_outcome(v_org, r, 'stripe', o ->> 'id',
+                                  pg_catalog.jsonb_build_object('currency', o ->> 'currency'));
+
+  WHEN p_type = 'payment_intent.succeeded' THEN
+    v_org := billing._uuid_or_null(o -> 'metadata' ->> 'org_id');
+    IF v_org IS NULL THEN
+      RETURN billing._outcome('ignored', NULL, NULL, 'not_a_creditledger_payment');
+    END IF;
+    v_amount := coalesce((o ->> 'amount_received')::bigint, (o ->> 'amount')::bigint);
+    v_claim := (o -> 'metadata' ->> 'recharge_claim_id')::bigint;
+    IF v_claim IS NOT NULL THEN
+      r := billing._recharge_succeeded(v_claim, o ->> 'id', v_amount, o ->> 'currency',
+                                       pg_catalog.jsonb_build_object('event', p_event ->> 'id'));
+    ELSE
+      r := billing._credit_stripe_payment(v_org, o ->> 'id', v_amount, o ->> 'currency', 'top_up',
+                                          pg_catalog.jsonb_build_object('event', p_event ->> 'id'));
+    END IF;
+    RETURN billing._money_outcome(v_org, r, 'stripe', o ->> 'id',
+                                  pg_catalog.jsonb_build_object('currency', o ->> 'currency'));
+
+  WHEN p_type = 'payment_intent.payment_failed' THEN
+    v_claim := (o -> 'metadata' ->> 'recharge_claim_id')::bigint;
+    IF v_claim IS NULL THEN
+      RETURN billing._outcome('ignored', NULL, NULL, 'not_a_recharge');
+    END IF;
+    r := billing._recharge_failed(v_claim,
+           coalesce(o -> 'last_payment_error' ->> 'decline_code', o -> 'last_payment_error' ->> 'code'),
+           o ->> 'id');
+    RETURN billing._outcome('processed', billing._uuid_or_null(o -> 'metadata' ->> 'org_id'), r);
+
+  WHEN p_type = 'charge.refunded' THEN
+    RETURN billing._apply_stripe_charge_refunds(o);
+
+  WHEN p_type IN ('refund.created', 'refund.updated', 'refund.failed', 'charge.refund.updated') THEN
+    RETURN billing._apply_stripe_refund(o);
+
+  WHEN p_type IN ('charge.dispute.created', 'charge.dispute.funds_withdrawn') THEN
+    RETURN billing._stripe_adjustment(o ->> 'payment_intent', -(o ->> 'amount')::bigint,
+                                      o ->> 'currency', 'dispute',
+                                      'stripe:dispute:' || (o ->> 'id') || ':withdrawn', o);
+
+  WHEN p_type = 'charge.dispute.funds_reinstated'
+       OR (p_type = 'charge.dispute.closed' AND o ->> 'status' = 'won') THEN
+    IF NOT EXISTS (SELECT 1 FROM billing.ledger_entries
+                    WHERE provider_ref = 'stripe:dispute:' || (o ->> 'id') || ':withdrawn') THEN
+      -- Reinstating what was never withdrawn here must wait for the withdrawal.
+      RAISE EXCEPTION USING ERRCODE = 'P0002',
+        MESSAGE = pg_catalog.format('dispute %s was not debited (yet)', o ->> 'id');
+    END IF;
+    RETURN billing._stripe_adjustment(o ->> 'payment_intent', (o ->> 'amount')::bigint,
+                                      o ->> 'currency', 'dispute_reversal',
+                                      'stripe:dispute:' || (o ->> 'id') || ':reinstated', o);
+  ELSE
+    RETURN billing._outcome('ignored', NULL, NULL, 'unhandled_type');
+  END CASE;
+END
+$$;
+
+-- The org of a Vapi call: assistantOverrides.metadata, then call.metadata, then the routing
+-- table by assistant, then by phone number (DESIGN.md, Webhooks).
+CREATE OR REPLACE FUNCTION billing._vapi_call_org(p_call jsonb)
+  RETURNS uuid
+  LANGUAGE sql STABLE SECURITY INVOKER SET search_path = ''
+AS $$
+  SELECT coalesce(
+    billing._uuid_or_null(p_call -> 'assistantOverrides' -> 'metadata' ->> 'org_id'),
+    billing._uuid_or_null(p_call -> 'metadata' ->> 'org_id'),
+    (SELECT org_id FROM billing.vapi_routes WHERE kind = 'assistant' AND vapi_id = p_call ->> 'assistantId'),
+    (SELECT org_id FROM billing.vapi_routes WHERE kind = 'phone_number' AND vapi_id = p_call ->> 'phoneNumberId'))
+$$;
+
+-- A call's billable seconds: endedAt - startedAt rounded up; 0 when it never connected.
+CREATE OR REPLACE FUNCTION billing._vapi_duration_seconds(p_started text, p_ended text)
+  RETURNS integer
+  LANGUAGE sql IMMUTABLE SECURITY INVOKER SET search_path = ''
+AS $$
+  SELECT CASE WHEN p_started IS NULL OR p_ended IS NULL THEN 0
+    ELSE GREATEST(0, pg_catalog.ceil(EXTRACT(EPOCH FROM p_ended::timestamptz - p_started::timestamptz)))::integer
+  END
+$$;
+
+-- Charge one ended Vapi call (the webhook's end-of-call report and reconciliation both come here).
+CREATE OR REPLACE FUNCTION billing._charge_vapi_call(p_call jsonb, p_started text, p_ended text, p_source text)
+  RETURNS jsonb
+  LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = ''
+AS $$
+DECLARE
+  v_org uuid := billing._vapi_call_org(p_call);
+  v_duration integer := billing._vapi_duration_seconds(p_started, p_ended);
+  r api.op_result;
+BEGIN
+  IF v_org IS NULL THEN
+    RETURN billing._outcome('unattributed', NULL, NULL, 'no_org_for_call');
+  END IF;
+  r := api.deduct_call_credits(
+    v_org, p_call ->> 'id', v_duration,
+    pg_catalog.jsonb_strip_nulls(pg_catalog.jsonb_build_object(
+      'started_at', p_started, 'ended_at', p_ended, 'ended_reason', p_call ->> 'endedReason',
+      'assistant_id', p_call ->> 'assistantId', 'recorded_by', p_source)));
+  RETURN billing._money_outcome(v_org, r, 'vapi', p_call ->> 'id', '{}');
+END
+$$;
+
+-- Vapi server messages: end-of-call-report charges, status-update in-progress holds.
+CREATE OR REPLACE FUNCTION billing._apply_vapi_message(p_type text, p_payload jsonb)
+  RETURNS jsonb
+  LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = ''
+AS $$
+DECLARE
+  m jsonb := coalesce(p_payload -> 'message', p_payload);
+  v_call jsonb := m -> 'call';
+  v_org uuid;
+BEGIN
+  IF v_call ->> 'id' IS NULL THEN
+    RETURN billing._outcome('ignored', NULL, NULL, 'no_call');
+  END IF;
+  IF p_type = 'end-of-call-report' THEN
+    RETURN billing._charge_vapi_call(
+      v_call, coalesce(m ->> 'startedAt', v_call ->> 'startedAt'),
+      coalesce(m ->> 'endedAt', v_call ->> 'endedAt'), 'webhook');
+  ELSIF p_type = 'status-update' AND m ->> 'status' = 'in-progress' THEN
+    v_org := billing._vapi_call_org(v_call);
+    IF v_org IS NULL THEN
+      RETURN billing._outcome('unattributed', NULL, NULL, 'no_org_for_call');
+    END IF;
+    RETURN billing._money_outcome(v_org, api.authorize_call(v_org, v_call ->> 'id', NULL),
+                                  'vapi', v_call ->> 'id', '{}');
+  ELSIF p_type = 'status-update' THEN
+    -- 'ended' without a report is left to the report or to reconciliation; the hold expires.
+    RETURN billing._outcome('ignored', NULL, NULL, 'status_' || coalesce(m ->> 'status', 'none'));
+  END IF;
+  RETURN billing._outcome('ignored', NULL, NULL, 'unhandled_type');
+END
+$$;
+
+-- Twilio SMS status callbacks (form fields as a JSON object).
+CREATE OR REPLACE FUNCTION billing._apply_twilio_status(p_payload jsonb)
+  RETURNS jsonb
+  LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = ''
+AS $$
+DECLARE
+  v_sid text := coalesce(p_payload ->> 'MessageSid', p_payload ->> 'SmsSid');
+  v_status text := coalesce(p_payload ->> 'MessageStatus', p_payload ->> 'SmsStatus');
+  r api.op_result;
+BEGIN
+  IF v_sid IS NULL OR v_status IS NULL THEN
+    RETURN billing._outcome('ignored', NULL, NULL, 'no_message_status');
+  END IF;
+  r := billing._settle_sms(v_sid, v_status,
+         pg_catalog.jsonb_strip_nulls(pg_catalog.jsonb_build_object(
+           'status', v_status, 'error_code', p_payload ->> 'ErrorCode')));
+  RETURN billing._outcome(CASE WHEN r.reason = 'unknown_status' THEN 'ignored' ELSE 'processed' END,
+                          (SELECT org_id FROM billing.holds WHERE purpose = 'sms' AND ref = v_sid), r);
+END
+$$;
+
+-- Interpret one stored event and record what it left behind. A failure rolls back everything
+-- the interpretation did (the EXCEPTION block is a savepoint) and leaves the event failed, with
+-- exponential backoff, or dead after the operator's maximum of attempts.
+CREATE OR REPLACE FUNCTION billing._process_event(p_event_row_id bigint)
+  RETURNS jsonb
+  LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = ''
+AS $$
+DECLARE
+  ev billing.webhook_events;
+  s billing.settings := billing._settings();
+  v_outcome jsonb;
+  v_status text;
+  v_error text;
+BEGIN
+  SELECT * INTO ev FROM billing.webhook_events WHERE id = p_event_row_id;
+  BEGIN
+    v_outcome := CASE ev.provider
+      WHEN 'stripe' THEN billing._apply_stripe_event(ev.event_type, ev.payload)
+      WHEN 'vapi' THEN billing._apply_vapi_message(ev.event_type, ev.payload)
+      WHEN 'twilio' THEN billing._apply_twilio_status(ev.payload)
+    END;
+    v_status := v_outcome ->> 'status';
+  EXCEPTION WHEN OTHERS THEN
+    GET STACKED DIAGNOSTICS v_error = MESSAGE_TEXT;
+    v_status := CASE WHEN ev.attempts >= s.webhook_max_attempts THEN 'dead' ELSE 'failed' END;
+    v_outcome := pg_catalog.jsonb_build_object('status', v_status, 'error', SQLSTATE || ': ' || v_error);
+  END;
+
+  UPDATE billing.webhook_events
+     SET status = v_status,
+         org_id = billing._uuid_or_null(v_outcome ->> 'org_id'),
+         result = v_outcome,
+         last_error = v_outcome ->> 'error',
+         next_attempt_at = CASE WHEN v_status = 'failed'
+                             THEN now() + s.webhook_retry_base * power(2, LEAST(ev.attempts - 1, 16)) END,
+         processed_at = now()
+   WHERE id = p_event_row_id;
+  RETURN v_outcome || pg_catalog.jsonb_build_object('event_row_id', p_event_row_id);
+END
+$$;
+
+-- Store a provider's event in the inbox and apply it in the same transaction. A redelivery
+-- (same provider and event id) changes nothing and answers 'duplicate' with the first outcome.
+CREATE OR REPLACE FUNCTION api.ingest_webhook(provider text, event_id text, event_type text, payload jsonb)
+  RETURNS jsonb
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = ''
+AS $$
+DECLARE
+  v_row_id bigint;
+  ev billing.webhook_events;
+BEGIN
+  IF provider IS NULL OR provider NOT IN ('stripe', 'vapi', 'twilio') THEN
+    PERFORM billing._invalid('provider', 'must be stripe, vapi or twilio');
+  END IF;
+  PERFORM billing._check_key('event_id', event_id);
+  PERFORM billing._check_key('event_type', event_type);
+  IF payload IS NULL OR pg_catalog.jsonb_typeof(payload) <> 'object' THEN
+    PERFORM billing._invalid('payload', 'must be a JSON object');
+  END IF;
+
+  -- Stored as failed-and-due until applied below, in this same transaction: no one else sees it.
+  INSERT INTO billing.webhook_events AS we (provider, event_id, event_type, payload, status, next_attempt_at)
+  VALUES (ingest_webhook.provider, ingest_webhook.event_id, ingest_webhook.event_type,
+          ingest_webhook.payload, 'failed', now())
+  ON CONFLICT DO NOTHING
+  RETURNING we.id INTO v_row_id;
+
+  IF v_row_id IS NULL THEN
+    SELECT * INTO ev FROM billing.webhook_events AS we
+     WHERE we.provider = ingest_webhook.provider AND we.event_id = ingest_webhook.event_id;
+    RETURN pg_catalog.jsonb_build_object('status', 'duplicate', 'event_status', ev.status,
+                                         'event_row_id', ev.id, 'result', ev.result -> 'result');
+  END IF;
+  RETURN billing._process_event(v_row_id);
+END
+$$;
+GRANT EXECUTE ON FUNCTION api.ingest_webhook(text, text, text, jsonb) TO service_role;
+
+-- The worker's pass over failed events that are due: each re-applied, with one more attempt.
+CREATE OR REPLACE FUNCTION api.retry_webhook_events(max_events integer DEFAULT 100)
+  RETURNS jsonb
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = ''
+AS $$
+DECLARE
+  v_id bigint;
+  v_counts jsonb := '{}';
+  v_status text;
+BEGIN
+  IF max_events IS NULL OR max_events NOT BETWEEN 1 AND 10000 THEN
+    PERFORM billing._invalid('max_events', 'must be between 1 and 10000');
+  END IF;
+  FOR v_id IN SELECT we.id FROM billing.webhook_events AS we
+               WHERE we.status = 'failed' AND we.next_attempt_at <= now()
+               ORDER BY we.next_attempt_at LIMIT max_events
+               FOR UPDATE SKIP LOCKED LOOP
+    UPDATE billing.webhook_events SET attempts = attempts + 1 WHERE id = v_id;
+    v_status := billing._process_event(v_id) ->> 'status';
+    v_counts := v_counts || pg_catalog.jsonb_build_object(
+      v_status, coalesce((v_counts ->> v_status)::integer, 0) + 1);
+  END LOOP;
+  RETURN v_counts;
+END
+$$;
+GRANT EXECUTE ON FUNCTION api.retry_webhook_events(integer) TO service_role;
+
+-- An operator sends a dead or unattributed event back to the worker (after fixing its cause,
+-- e.g. adding a Vapi route): attempts restart from zero.
+CREATE OR REPLACE FUNCTION api.replay_webhook_event(event_row_id bigint)
+  RETURNS jsonb
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = ''
+AS $$
+DECLARE
+  ev billing.webhook_events;
+BEGIN
+  UPDATE billing.webhook_events AS we
+     SET status = 'failed', attempts = 0, next_attempt_at = now(), last_error = NULL
+   WHERE we.id = event_row_id AND we.status IN ('dead', 'unattributed', 'failed')
+  RETURNING * INTO ev;
+  IF NOT FOUND THEN
+    PERFORM billing._invalid('event_row_id', 'no dead, unattributed or failed event with this id');
+  END IF;
+  RETURN pg_catalog.jsonb_build_object('event_row_id', ev.id, 'status', ev.status);
+END
+$$;
+GRANT EXECUTE ON FUNCTION api.replay_webhook_event(bigint) TO service_role;
+
+-- Route a Vapi assistant or phone number to an org (used when call metadata has no org).
+CREATE OR REPLACE FUNCTION api.set_vapi_route(kind text, vapi_id text, org_id uuid)
+  RETURNS void
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = ''
+AS $$
+BEGIN
+  IF kind IS NULL OR kind NOT IN ('assistant', 'phone_number') THEN
+    PERFORM billing._invalid('kind', 'must be assistant or phone_number');
+  END IF;
+  PERFORM billing._check_key('vapi_id', vapi_id);
+  IF org_id IS NULL OR NOT EXISTS (SELECT 1 FROM billing.wallets AS w WHERE w.org_id = set_vapi_route.org_id) THEN
+    PERFORM billing._invalid('org_id', 'must be an org with a wallet');
+  END IF;
+  INSERT INTO billing.vapi_routes AS r (kind, vapi_id, org_id)
+  VALUES (set_vapi_route.kind, set_vapi_route.vapi_id, set_vapi_route.org_id)
+  ON CONFLICT ON CONSTRAINT vapi_routes_pkey DO UPDATE SET org_id = EXCLUDED.org_id;
+END
+$$;
+GRANT EXECUTE ON FUNCTION api.set_vapi_route(text, text, uuid) TO service_role;

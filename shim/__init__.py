@@ -1,0 +1,1 @@
+"""creditledger's thin Python shim: signature checks, provider clients, CLI and jobs."""

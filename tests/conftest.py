@@ -1,0 +1,96 @@
+"""Test databases: one server per session, a migrated template, a fresh clone for every test.
+
+The server is TEST_DATABASE_URL when set (CI runs the suite against Debian's PostgreSQL 15 this
+way), else an embedded PostgreSQL from pgserver in a temporary folder. Each test gets its own
+database cloned from the template by pytest-postgresql's janitor (procrastinate's conftest does
+the same), and after each test the ledger invariants must hold.
+"""
+
+import os
+import tempfile
+import uuid
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.rows import dict_row
+from pytest_postgresql.janitor import DatabaseJanitor
+
+from shim.migrate import migrate
+
+
+@pytest.fixture(scope="session")
+def server_url():
+    """The URL of a server the tests may create databases on."""
+    url = os.environ.get("TEST_DATABASE_URL")
+    if url:
+        yield url
+        return
+    import pgserver
+
+    with tempfile.TemporaryDirectory(prefix="creditledger-test-") as data_dir:
+        server = pgserver.get_server(data_dir, cleanup_mode="stop")
+        try:
+            yield server.get_uri()
+        finally:
+            server.cleanup()
+
+
+def database_url(server_url: str, dbname: str) -> str:
+    """The server's URL pointing at another database (a URL: yoyo and pgbench take URLs)."""
+    return urlunsplit(urlsplit(server_url)._replace(path=f"/{dbname}"))
+
+
+def janitor(server_url: str, dbname: str, **kwargs) -> DatabaseJanitor:
+    """pytest-postgresql's janitor for one database on the test server."""
+    params = conninfo_to_dict(server_url)
+    return DatabaseJanitor(
+        user=params.get("user") or "postgres",
+        password=params.get("password"),
+        host=params.get("host") or "localhost",
+        port=params.get("port") or 5432,
+        dbname=dbname,
+        **kwargs,
+    )
+
+
+@pytest.fixture(scope="session")
+def template_name(server_url):
+    """A migrated template database, built once per session (unique name: runs may overlap)."""
+    name = f"creditledger_tpl_{os.getpid()}"
+    template = janitor(server_url, name, as_template=True)
+    template.init()
+    try:
+        migrate(database_url(server_url, name))
+        yield name
+    finally:
+        template.drop()
+
+
+@pytest.fixture
+def db_url(request, server_url, template_name):
+    """A fresh migrated database for this test; its ledger invariants are checked afterwards."""
+    name = f"creditledger_test_{uuid.uuid4().hex[:16]}"
+    with janitor(server_url, name, template_dbname=template_name):
+        url = database_url(server_url, name)
+        yield url
+        if "corrupts_ledger" not in request.keywords:
+            with psycopg.connect(url) as conn:
+                violations = conn.execute("SELECT * FROM api.ledger_invariant_violations()").fetchall()
+            assert violations == [], f"ledger invariants broken after the test: {violations}"
+
+
+@pytest.fixture
+def db(db_url):
+    """A superuser connection (autocommit, rows as dicts) for setup and inspection."""
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
+        yield conn
+
+
+@pytest.fixture
+def service(db_url):
+    """A connection acting as Supabase's service_role: what the shim and the backend use."""
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
+        conn.execute("SET ROLE service_role")
+        yield conn

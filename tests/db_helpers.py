@@ -1,0 +1,74 @@
+"""Small helpers the tests share: wallets, balances, and acting as a PostgREST caller."""
+
+import contextlib
+import json
+import uuid
+
+import psycopg
+
+
+def new_org() -> uuid.UUID:
+    """A fresh organisation id."""
+    return uuid.uuid4()
+
+
+def open_wallet(conn, balance_minor: int = 0, debt_limit_minor: int = 0, org_id=None, **pricing):
+    """Open a wallet (as the caller's role), optionally priced and funded; return its org id."""
+    org_id = org_id or new_org()
+    conn.execute("SELECT * FROM api.open_wallet(%s, 'usd', %s::bigint)", (org_id, debt_limit_minor))
+    if pricing:
+        conn.execute(
+            "SELECT * FROM api.set_pricing(%s, %s::bigint, %s::integer, %s::bigint)",
+            (
+                org_id,
+                pricing.get("rate_per_minute_minor", 70),
+                pricing.get("billing_increment_seconds", 1),
+                pricing.get("sms_segment_minor", 1),
+            ),
+        )
+    if balance_minor:
+        conn.execute(
+            "SELECT * FROM api.add_wallet_credits(%s, %s::bigint, %s)",
+            (org_id, balance_minor, f"seed-{uuid.uuid4()}"),
+        )
+    return org_id
+
+
+def wallet(conn, org_id) -> dict:
+    """The wallet's current row, read as the superuser."""
+    return conn.execute("SELECT * FROM billing.wallets WHERE org_id = %s", (org_id,)).fetchone()
+
+
+def ledger_count(conn, org_id=None) -> int:
+    """How many ledger entries exist (for one org, or in all)."""
+    if org_id is None:
+        return conn.execute("SELECT count(*) AS n FROM billing.ledger_entries").fetchone()["n"]
+    return conn.execute(
+        "SELECT count(*) AS n FROM billing.ledger_entries WHERE org_id = %s", (org_id,)
+    ).fetchone()["n"]
+
+
+def snapshot(conn) -> dict:
+    """Everything money-relevant, to assert that a refused operation changed nothing."""
+    return {
+        table: conn.execute(f"SELECT * FROM billing.{table} ORDER BY 1").fetchall()
+        for table in ("wallets", "ledger_entries", "holds", "recharge_claims", "webhook_events")
+    }
+
+
+@contextlib.contextmanager
+def as_user(
+    conn: psycopg.Connection, org_id, org_role="owner", user_id=None, role="authenticated", commit=False
+):
+    """Act as a signed-in Supabase user, exactly as PostgREST does per request: inside a
+    transaction, set_config('role') and set_config('request.jwt.claims', ..., true). The
+    transaction is rolled back unless commit is true."""
+    claims = {
+        "sub": str(user_id or uuid.uuid4()),
+        "role": role,
+        "app_metadata": {"org_id": str(org_id) if org_id else None, "org_role": org_role},
+    }
+    with conn.transaction(force_rollback=not commit):
+        conn.execute("SELECT set_config('role', %s, true)", (role,))
+        conn.execute("SELECT set_config('request.jwt.claims', %s, true)", (json.dumps(claims),))
+        yield conn
