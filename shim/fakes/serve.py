@@ -15,7 +15,13 @@ class _QuietHandler(WSGIRequestHandler):
 def serve_in_thread(app, host="127.0.0.1", port=0):
     """Serve `app` on host:port (0 = any free port); return (base_url, stop_fn)."""
     server = make_server(host, port, app, threaded=True, request_handler=_QuietHandler)
-    thread = threading.Thread(target=server.serve_forever, name=f"serve-{server.port}", daemon=True)
+    # A short poll interval keeps stop() (and so every test teardown) fast.
+    thread = threading.Thread(
+        target=server.serve_forever,
+        kwargs={"poll_interval": 0.05},
+        name=f"serve-{server.port}",
+        daemon=True,
+    )
     thread.start()
 
     def stop():

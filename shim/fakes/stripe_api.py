@@ -200,7 +200,7 @@ class _State:
         """Newest-first order, like Stripe lists: by `created`, ties by creation order."""
         return obj["created"], self.order[obj["id"]]
 
-    def emit(self, event_type, obj, *, request_info=None, previous_attributes=None):
+    def emit(self, event_type, obj, *, request_info=None):
         """Record an event carrying a snapshot of `obj`; the caller delivers it after
         releasing the lock."""
         request_info = request_info or {}
@@ -208,7 +208,6 @@ class _State:
             event_id=p.stripe_id("evt"),
             event_type=event_type,
             data_object=copy.deepcopy(obj),
-            previous_attributes=previous_attributes,
             request_id=request_info.get("id"),
             idempotency_key=request_info.get("idempotency_key"),
             pending_webhooks=1 if self.webhook_url else 0,
@@ -633,11 +632,13 @@ def create_app(webhook_url=None, webhook_secret=None):
 
     @app.errorhandler(ApiError)
     def api_error(exc):
+        """Render ApiError as Stripe's JSON error with its status."""
         return respond(exc.body, exc.status)
 
     @app.errorhandler(404)
     @app.errorhandler(405)
     def unknown_route(exc):
+        """Answer unknown URLs in Stripe's JSON, which the SDK can parse."""
         message = f"Unrecognized request URL ({request.method}: {request.path})."
         return respond({"error": {"type": "invalid_request_error", "message": message}}, exc.code)
 
@@ -729,10 +730,9 @@ def create_app(webhook_url=None, webhook_secret=None):
         with state.lock:
             if idempotency_key:
                 response.headers["Idempotency-Key"] = idempotency_key
-                if response.status_code in _REPLAYABLE:
-                    state.idempotency[idempotency_key].update(
-                        body=response.get_json(), status=response.status_code
-                    )
+                saved = state.idempotency.get(idempotency_key)  # gone if reset meanwhile
+                if saved is not None and response.status_code in _REPLAYABLE:
+                    saved.update(body=response.get_json(), status=response.status_code)
                 else:
                     state.idempotency.pop(idempotency_key, None)
             if response.status_code >= 400 and not replayed:
@@ -754,6 +754,7 @@ def create_app(webhook_url=None, webhook_secret=None):
 
     @app.post("/v1/checkout/sessions")
     def create_session():
+        """Create an open Checkout Session."""
         args = params()
         with state.lock:
             session = copy.deepcopy(_create_session(state, args))
@@ -761,6 +762,7 @@ def create_app(webhook_url=None, webhook_secret=None):
 
     @app.get("/v1/checkout/sessions/<session_id>")
     def retrieve_session(session_id):
+        """Retrieve a Checkout Session, honouring expand[]."""
         args = params()
         with state.lock:
             return respond(
@@ -769,6 +771,7 @@ def create_app(webhook_url=None, webhook_secret=None):
 
     @app.get("/v1/checkout/sessions")
     def list_sessions():
+        """List Checkout Sessions (filters: customer, payment_intent, status)."""
         args = params()
         with state.lock:
             items = [
@@ -782,6 +785,7 @@ def create_app(webhook_url=None, webhook_secret=None):
 
     @app.post("/v1/payment_intents")
     def create_payment_intent():
+        """Create (and with confirm=true, charge) a PaymentIntent."""
         args = params()
         with state.lock:
             status, body, events = _create_payment_intent(state, args, request_info())
@@ -791,12 +795,14 @@ def create_app(webhook_url=None, webhook_secret=None):
 
     @app.get("/v1/payment_intents/<pi_id>")
     def retrieve_payment_intent(pi_id):
+        """Retrieve a PaymentIntent, honouring expand[]."""
         args = params()
         with state.lock:
             return respond(_expand(state, state.get("payment_intent", pi_id, "intent"), args))
 
     @app.get("/v1/payment_intents")
     def list_payment_intents():
+        """List PaymentIntents (filter: customer)."""
         args = params()
         with state.lock:
             items = [
@@ -808,11 +814,13 @@ def create_app(webhook_url=None, webhook_secret=None):
 
     @app.get("/v1/events/<event_id>")
     def retrieve_event(event_id):
+        """Retrieve one event."""
         with state.lock:
             return respond(state.get("event", event_id, "id"))
 
     @app.get("/v1/events")
     def list_events():
+        """List events (filters: type with * wildcards, types[], created)."""
         args = params()
         patterns = args.get("types") or ([args["type"]] if "type" in args else [])
         if not isinstance(patterns, list):
@@ -833,6 +841,7 @@ def create_app(webhook_url=None, webhook_secret=None):
 
     @app.post("/_control/decline")
     def control_decline():
+        """Make a payment method decline (or, with code null, succeed again)."""
         body = control_body()
         payment_method = _required(body, "payment_method")
         with state.lock:
@@ -849,6 +858,7 @@ def create_app(webhook_url=None, webhook_secret=None):
 
     @app.post("/_control/fail")
     def control_fail():
+        """Queue injected 500/429 answers for the next matching requests."""
         body = control_body()
         rule = {
             "remaining": _int(body.get("count", 1), "count", minimum=1),
@@ -863,6 +873,7 @@ def create_app(webhook_url=None, webhook_secret=None):
 
     @app.post("/_control/complete_session/<session_id>")
     def control_complete_session(session_id):
+        """Play the customer paying a Checkout Session."""
         body = control_body()
         with state.lock:
             result, events = _complete_session(state, session_id, body)
@@ -872,6 +883,7 @@ def create_app(webhook_url=None, webhook_secret=None):
 
     @app.post("/_control/refund")
     def control_refund():
+        """Refund a PaymentIntent's charge, as from the Dashboard."""
         body = control_body()
         with state.lock:
             result, events = _refund(state, body)
@@ -881,6 +893,7 @@ def create_app(webhook_url=None, webhook_secret=None):
 
     @app.post("/_control/dispute")
     def control_dispute():
+        """Open a chargeback on a PaymentIntent's charge."""
         body = control_body()
         with state.lock:
             dispute, events = _dispute(state, body)
@@ -890,6 +903,7 @@ def create_app(webhook_url=None, webhook_secret=None):
 
     @app.post("/_control/dispute_close/<dispute_id>")
     def control_dispute_close(dispute_id):
+        """Close a dispute as won or lost."""
         body = control_body()
         with state.lock:
             dispute, events = _close_dispute(state, dispute_id, body)
@@ -899,6 +913,7 @@ def create_app(webhook_url=None, webhook_secret=None):
 
     @app.post("/_control/insert_event")
     def control_insert_event():
+        """Store (and deliver) an arbitrary event, e.g. old or odd ones."""
         body = control_body()
         event_id = body.get("id") or p.stripe_id("evt")
         with state.lock:
@@ -920,6 +935,7 @@ def create_app(webhook_url=None, webhook_secret=None):
 
     @app.post("/_control/webhooks")
     def control_webhooks():
+        """Reconfigure webhook delivery: endpoint, pause, drop ratio, seed."""
         body = control_body()
         with state.lock:
             state.webhook_url = body.get("url", state.webhook_url)
@@ -939,6 +955,7 @@ def create_app(webhook_url=None, webhook_secret=None):
 
     @app.post("/_control/redeliver")
     def control_redeliver():
+        """Resend chosen events, or every undelivered one, like 'Resend'."""
         body = control_body()
         with state.lock:
             ids = body.get("event_ids") or list(state.undelivered)
@@ -948,12 +965,14 @@ def create_app(webhook_url=None, webhook_secret=None):
 
     @app.get("/_control/events")
     def control_events():
+        """Every stored event, oldest first."""
         with state.lock:
             events = sorted(state.store["event"].values(), key=state.sort_key)
             return respond(events)
 
     @app.get("/_control/stats")
     def control_stats():
+        """Per-endpoint call counts, object counts and webhook outcomes."""
         with state.lock:
             return respond(
                 {
@@ -976,6 +995,7 @@ def create_app(webhook_url=None, webhook_secret=None):
 
     @app.post("/_control/reset")
     def control_reset():
+        """Forget all state but the webhook endpoint."""
         with state.lock:
             state.reset()
         return respond({"reset": True})

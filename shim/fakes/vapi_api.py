@@ -13,6 +13,7 @@ GET  /_control/stats   {"requests", "injected_failures", "unauthorized", "querie
 POST /_control/reset
 """
 
+import operator
 import threading
 from datetime import UTC, datetime
 
@@ -23,12 +24,7 @@ _DATE_FILTERS = {
     for field in ("createdAt", "updatedAt")
     for op in ("Gt", "Lt", "Ge", "Le")
 }
-_COMPARE = {
-    "Gt": lambda a, b: a > b,
-    "Lt": lambda a, b: a < b,
-    "Ge": lambda a, b: a >= b,
-    "Le": lambda a, b: a <= b,
-}
+_COMPARE = {"Gt": operator.gt, "Lt": operator.lt, "Ge": operator.ge, "Le": operator.le}
 _REASONS = {400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 429: "Too Many Requests",
             500: "Internal Server Error", 503: "Service Unavailable"}
 
@@ -65,7 +61,7 @@ def _limit(raw):
         ) from None
     if limit > 1000:
         raise _VapiError(400, ["limit must not be greater than 1000"])
-    if limit < 0:
+    if not limit >= 0:  # also catches NaN
         raise _VapiError(400, ["limit must not be less than 0"])
     return int(limit)
 
@@ -104,6 +100,7 @@ def create_app(api_key):
 
     @app.errorhandler(_VapiError)
     def vapi_error(exc):
+        """Render _VapiError in Vapi's NestJS error shape."""
         return exc.body, exc.status, exc.headers
 
     @app.before_request
@@ -132,6 +129,7 @@ def create_app(api_key):
 
     @app.get("/call")
     def list_calls():
+        """GET /call: filtered calls, newest first, at most `limit`, no cursor."""
         args = request.args.to_dict()
         limit, keep = _limit(args.get("limit")), _call_filter(args)
         with lock:
@@ -141,6 +139,7 @@ def create_app(api_key):
 
     @app.get("/call/<call_id>")
     def get_call(call_id):
+        """GET /call/:id."""
         with lock:
             call = state["calls"].get(call_id)
         if call is None:
@@ -149,6 +148,7 @@ def create_app(api_key):
 
     @app.post("/_control/calls")
     def control_calls():
+        """Add or replace calls (a JSON array of Call objects) by id."""
         calls = request.get_json()
         with lock:
             state["calls"].update({c["id"]: c for c in calls})
@@ -157,6 +157,7 @@ def create_app(api_key):
 
     @app.post("/_control/fail")
     def control_fail():
+        """Make the next `count` API requests answer `status`."""
         body = request.get_json(silent=True) or {}
         with lock:
             state["fail_remaining"] = int(body.get("count", 1))
@@ -165,12 +166,14 @@ def create_app(api_key):
 
     @app.get("/_control/stats")
     def control_stats():
+        """Request counters and every query string seen, for assertions."""
         with lock:
-            return {k: state[k] for k in ("requests", "injected_failures", "unauthorized",
-                                          "queries")}
+            counters = {k: state[k] for k in ("requests", "injected_failures", "unauthorized")}
+            return {**counters, "queries": list(state["queries"])}
 
     @app.post("/_control/reset")
     def control_reset():
+        """Forget calls, rules and counters."""
         with lock:
             reset()
         return {"reset": True}

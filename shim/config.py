@@ -1,0 +1,35 @@
+"""Settings from the environment (DESIGN.md, "Environment"): read once, passed explicitly."""
+
+import os
+from dataclasses import dataclass, field
+
+
+def _env(name: str) -> str | None:
+    """An environment variable, with empty meaning unset."""
+    return os.environ.get(name) or None
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the shim needs from outside. A missing provider secret disables only that
+    provider's endpoint (it answers 503 with a clear message); the others keep working."""
+
+    database_url: str | None = field(default_factory=lambda: _env("DATABASE_URL"))
+    port: int = field(default_factory=lambda: int(os.environ.get("PORT") or 8080))
+    stripe_api_key: str | None = field(default_factory=lambda: _env("STRIPE_API_KEY"))
+    stripe_webhook_secret: str | None = field(default_factory=lambda: _env("STRIPE_WEBHOOK_SECRET"))
+    stripe_api_base: str | None = field(default_factory=lambda: _env("STRIPE_API_BASE"))
+    vapi_api_key: str | None = field(default_factory=lambda: _env("VAPI_API_KEY"))
+    vapi_webhook_secret: str | None = field(default_factory=lambda: _env("VAPI_WEBHOOK_SECRET"))
+    vapi_api_base: str = field(default_factory=lambda: _env("VAPI_API_BASE") or "https://api.vapi.ai")
+    twilio_auth_token: str | None = field(default_factory=lambda: _env("TWILIO_AUTH_TOKEN"))
+    public_base_url: str | None = field(default_factory=lambda: _env("PUBLIC_BASE_URL"))
+    supabase_jwt_secret: str | None = field(default_factory=lambda: _env("SUPABASE_JWT_SECRET"))
+    # Where a top-up's Checkout page sends the customer back to.
+    checkout_success_url: str = field(
+        default_factory=lambda: _env("CHECKOUT_SUCCESS_URL") or "https://app.example.com/billing?paid=1"
+    )
+    checkout_cancel_url: str = field(
+        default_factory=lambda: _env("CHECKOUT_CANCEL_URL") or "https://app.example.com/billing"
+    )
+    pool_max_size: int = field(default_factory=lambda: int(os.environ.get("DB_POOL_MAX_SIZE") or 10))

@@ -1,0 +1,38 @@
+-- Every statement the shim sends, each under a `-- name: <name>` line (procrastinate keeps its
+-- queries the same way). Each is one call into the api schema.
+
+-- name: ingest_webhook
+-- Store a verified provider event and apply it, in one transaction.
+SELECT api.ingest_webhook(%(provider)s::text, %(event_id)s::text, %(event_type)s::text, %(payload)s::jsonb) AS outcome
+
+-- name: become_user
+-- Act as the signed-in user for the rest of the transaction, the way PostgREST does.
+SELECT set_config('role', 'authenticated', true), set_config('request.jwt.claims', %(claims)s::text, true)
+
+-- name: begin_checkout
+-- Decide, as the user, whether a Checkout Session exists for this request or may be created.
+SELECT api.begin_checkout(%(amount_minor)s::bigint, %(client_request_id)s::uuid) AS answer
+
+-- name: record_checkout_session
+-- Record the session Stripe created for a request.
+SELECT api.record_checkout_session(%(request_id)s::bigint, %(session_id)s::text, %(checkout_url)s::text, to_timestamp(%(expires_at)s::bigint)) AS answer
+
+-- name: retry_webhook_events
+-- The worker's pass over failed events that are due.
+SELECT api.retry_webhook_events(%(max_events)s::integer) AS counts
+
+-- name: expire_holds
+-- Free holds of calls and SMS that were never reported.
+SELECT api.expire_holds() AS expired
+
+-- name: lease_recharge_claims
+-- Pending auto-recharge claims for the worker to charge.
+SELECT * FROM api.lease_recharge_claims(%(max_claims)s::integer)
+
+-- name: record_recharge_result
+-- What Stripe answered for a claim's PaymentIntent.
+SELECT * FROM api.record_recharge_result(%(claim_id)s::bigint, %(outcome)s::text, %(payment_intent_id)s::text, %(amount_minor)s::bigint, %(currency)s::text, %(failure_code)s::text)
+
+-- name: schema_current
+-- Whether every migration in this release has been applied (for /healthz).
+SELECT count(*) AS applied FROM public._yoyo_migration WHERE migration_id = ANY(%(ids)s::text[])

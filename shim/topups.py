@@ -1,0 +1,108 @@
+"""POST /top-ups: a signed-in user asks for a Checkout Session. One SQL call, made as that user,
+decides whether a session for this request exists (return it) or may be created (then Stripe is
+called with the request's deterministic idempotency key): a double click, a retry and two tabs
+produce one session."""
+
+import json
+import time
+import uuid
+
+from flask import Blueprint, current_app, jsonify, request
+
+from shim.http_errors import BadRequest, require
+from shim.queries import QUERIES
+from shim.signatures import BadSignature, verify_supabase_jwt
+from shim.stripe_client import make_client
+
+bp = Blueprint("topups", __name__)
+
+# While another request holds the creation lease, ask again this often, for at most this long.
+PENDING_POLL_SECONDS = 0.05
+PENDING_WAIT_SECONDS = 10.0
+
+
+def parse_body() -> tuple[int, str]:
+    """amount_minor (an integer) and client_request_id (a uuid), or 400."""
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise BadRequest("body must be a JSON object")
+    amount, client_request_id = body.get("amount_minor"), body.get("client_request_id")
+    if not isinstance(amount, int) or isinstance(amount, bool):
+        raise BadRequest("amount_minor must be an integer number of minor units")
+    try:
+        uuid.UUID(str(client_request_id))
+    except ValueError as exc:
+        raise BadRequest("client_request_id must be a uuid") from exc
+    return amount, str(client_request_id)
+
+
+def decide(pool, claims: dict, amount: int, client_request_id: str) -> dict:
+    """api.begin_checkout as the user, waiting while another request holds the lease."""
+    deadline = time.monotonic() + PENDING_WAIT_SECONDS
+    while True:
+        with pool.connection() as conn, conn.transaction():
+            conn.execute(QUERIES["become_user"], {"claims": json.dumps(claims)})
+            answer = conn.execute(
+                QUERIES["begin_checkout"],
+                {"amount_minor": amount, "client_request_id": client_request_id},
+            ).fetchone()["answer"]
+        if answer["status"] != "pending" or time.monotonic() > deadline:
+            return answer
+        time.sleep(PENDING_POLL_SECONDS)
+
+
+def create_session(config, answer: dict):
+    """Create the Checkout Session; the amount and the key come from SQL's answer."""
+    metadata = {"org_id": answer["org_id"], "checkout_request_id": str(answer["request_id"])}
+    return make_client(config).v1.checkout.sessions.create(
+        params={
+            "mode": "payment",
+            "client_reference_id": answer["org_id"],
+            "line_items": [{
+                "quantity": 1,
+                "price_data": {
+                    "currency": answer["currency"],
+                    "unit_amount": answer["amount_minor"],
+                    "product_data": {"name": "Voice AI credit"},
+                },
+            }],
+            "metadata": metadata,
+            "payment_intent_data": {"metadata": metadata},
+            "success_url": config.checkout_success_url,
+            "cancel_url": config.checkout_cancel_url,
+        },
+        options={"idempotency_key": answer["idempotency_key"]},
+    )
+
+
+@bp.post("/top-ups")
+def create_top_up():
+    """Answer {checkout_url, session_id, status: created | existing}."""
+    config = current_app.config["CREDITLEDGER"]
+    secret = require(config.supabase_jwt_secret, "SUPABASE_JWT_SECRET")
+    try:
+        claims = verify_supabase_jwt(request.headers.get("Authorization"), secret)
+    except BadSignature as exc:
+        return jsonify({"error": "unauthorized", "message": str(exc)}), 401
+    amount, client_request_id = parse_body()
+    require(config.stripe_api_key, "STRIPE_API_KEY")
+    pool = current_app.extensions["creditledger.pool"]
+
+    answer = decide(pool, claims, amount, client_request_id)
+    status = "existing"
+    if answer["status"] == "conflict":
+        return jsonify({"error": "conflict",
+                        "message": "client_request_id was used for another amount"}), 409
+    if answer["status"] == "pending":
+        return jsonify({"error": "in_progress", "message": "the session is being created; retry"}), 503
+    if answer["status"] == "create":
+        session = create_session(config, answer)
+        with pool.connection() as conn:
+            answer = conn.execute(
+                QUERIES["record_checkout_session"],
+                {"request_id": answer["request_id"], "session_id": session.id,
+                 "checkout_url": session.url, "expires_at": session.expires_at},
+            ).fetchone()["answer"]
+        status = "created"
+    return jsonify({"checkout_url": answer["checkout_url"], "session_id": answer["session_id"],
+                    "status": status}), 200

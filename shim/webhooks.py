@@ -1,0 +1,95 @@
+"""POST /webhooks/{stripe,vapi,twilio/sms-status}: verify, then one SQL call that stores the
+event and applies it in the same transaction. 200 means committed (applied, duplicate, ignored,
+or stored as failed for the worker); anything else makes the provider retry."""
+
+import hashlib
+import json
+
+from flask import Blueprint, current_app, jsonify, request
+from psycopg.types.json import Jsonb
+
+from shim.http_errors import BadRequest, require
+from shim.queries import QUERIES
+from shim.signatures import verify_stripe, verify_twilio, verify_vapi
+
+bp = Blueprint("webhooks", __name__)
+
+
+def ingest(provider: str, event_id: str, event_type: str, payload: dict):
+    """Hand a verified event to api.ingest_webhook; its commit is what the 200 promises."""
+    pool = current_app.extensions["creditledger.pool"]
+    with pool.connection() as conn:
+        outcome = conn.execute(
+            QUERIES["ingest_webhook"],
+            {"provider": provider, "event_id": event_id, "event_type": event_type,
+             "payload": Jsonb(payload)},
+        ).fetchone()["outcome"]
+    return jsonify(outcome), 200
+
+
+def json_object(body: bytes) -> dict:
+    """The body as a JSON object, or 400."""
+    try:
+        payload = json.loads(body)
+    except ValueError as exc:
+        raise BadRequest(f"body is not JSON: {exc}") from exc
+    if not isinstance(payload, dict):
+        raise BadRequest("body is not a JSON object")
+    return payload
+
+
+@bp.post("/webhooks/stripe")
+def stripe_webhook():
+    """Stripe events: the signature is checked over the raw bytes before anything is parsed."""
+    secret = require(current_app.config["CREDITLEDGER"].stripe_webhook_secret, "STRIPE_WEBHOOK_SECRET")
+    body = request.get_data()
+    try:
+        verify_stripe(body, request.headers.get("Stripe-Signature"), secret)
+    except ValueError as exc:  # construct_event parses JSON after the signature
+        raise BadRequest(f"body is not JSON: {exc}") from exc
+    payload = json_object(body)
+    if not payload.get("id") or not payload.get("type"):
+        raise BadRequest("a Stripe event has an id and a type")
+    return ingest("stripe", payload["id"], payload["type"], payload)
+
+
+def vapi_event_id(message: dict, body: bytes) -> str:
+    """Vapi messages carry no id: a report is one per call, a status update one per call and
+    status; anything else is identified by its bytes (redelivered bytes are a duplicate)."""
+    call_id = (message.get("call") or {}).get("id")
+    kind = message.get("type") or "unknown"
+    if call_id and kind == "end-of-call-report":
+        return f"{kind}:{call_id}"
+    if call_id and kind == "status-update":
+        return f"{kind}:{call_id}:{message.get('status')}"
+    return f"{kind}:sha256:{hashlib.sha256(body).hexdigest()}"
+
+
+@bp.post("/webhooks/vapi")
+def vapi_webhook():
+    """Vapi server messages (end-of-call-report, status-update, ...)."""
+    secret = require(current_app.config["CREDITLEDGER"].vapi_webhook_secret, "VAPI_WEBHOOK_SECRET")
+    body = request.get_data()
+    verify_vapi(body, request.headers, secret)
+    payload = json_object(body)
+    message = payload.get("message")
+    if not isinstance(message, dict) or not message.get("type"):
+        raise BadRequest("a Vapi server message has message.type")
+    return ingest("vapi", vapi_event_id(message, body), message["type"], payload)
+
+
+@bp.post("/webhooks/twilio/sms-status")
+def twilio_sms_status():
+    """Twilio's SMS StatusCallback: form fields, signed over the URL Twilio was given."""
+    cfg = current_app.config["CREDITLEDGER"]
+    token = require(cfg.twilio_auth_token, "TWILIO_AUTH_TOKEN")
+    base = require(cfg.public_base_url, "PUBLIC_BASE_URL")
+    params = request.form.to_dict()
+    query = request.query_string.decode()
+    url = base.rstrip("/") + request.path + (f"?{query}" if query else "")
+    verify_twilio(url, params, request.headers.get("X-Twilio-Signature"), token)
+    sid = params.get("MessageSid") or params.get("SmsSid")
+    status = params.get("MessageStatus") or params.get("SmsStatus")
+    if not sid or not status:
+        raise BadRequest("a status callback has MessageSid and MessageStatus")
+    return ingest("twilio", f"{sid}:{status}", f"message.{status}", params)
