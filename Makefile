@@ -29,3 +29,6 @@ migrate: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pgdata demo-output bench/out
+
+serve: $(STAMP)
+	$(CLI) serve

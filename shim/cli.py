@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import sys
 
 from shim.database import database_url
@@ -15,11 +16,36 @@ def cmd_migrate(args) -> int:
     return 0
 
 
+def gunicorn_argv(port: int, workers: int = 2, threads: int = 8) -> list[str]:
+    """The production server command: gunicorn, threaded workers (requests mostly wait on the
+    database), bodies capped by the app itself."""
+    return [
+        sys.executable, "-m", "gunicorn", "shim.app:create_app()",
+        "--bind", f"0.0.0.0:{port}", "--workers", str(workers), "--threads", str(threads),
+        "--access-logfile", "-", "--graceful-timeout", "20",
+    ]
+
+
+def cmd_serve(args) -> int:
+    """Serve the shim under gunicorn on PORT (default 8080)."""
+    from shim.config import Config
+
+    os.environ.setdefault("DATABASE_URL", database_url())
+    argv = gunicorn_argv(args.port or Config().port, args.workers, args.threads)
+    os.execvp(argv[0], argv)
+    return 0  # not reached: exec replaces this process
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Subcommands, one per job the Makefile names."""
     parser = argparse.ArgumentParser(prog="creditledger", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("migrate", help=cmd_migrate.__doc__).set_defaults(func=cmd_migrate)
+    serve = sub.add_parser("serve", help=cmd_serve.__doc__)
+    serve.add_argument("--port", type=int, default=None)
+    serve.add_argument("--workers", type=int, default=2)
+    serve.add_argument("--threads", type=int, default=8)
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 

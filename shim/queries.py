@@ -6,7 +6,10 @@ from pathlib import Path
 _NAME_LINE = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 
 
-def load(path: Path = Path(__file__).with_name("queries.sql")) -> dict[str, str]:
+QUERIES_FILE = Path(__file__).with_name("queries.sql")
+
+
+def load(path: Path = QUERIES_FILE) -> dict[str, str]:
     """Split the file on its `-- name:` lines; comment lines inside a block are dropped."""
     text = path.read_text()
     parts = _NAME_LINE.split(text)[1:]

@@ -94,3 +94,43 @@ def service(db_url):
     with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
         conn.execute("SET ROLE service_role")
         yield conn
+
+
+# ---------------------------------------------------------------------------- the shim
+
+SECRETS = {
+    "stripe_webhook_secret": "whsec_test_secret",
+    "vapi_webhook_secret": "vapi-test-secret",
+    "twilio_auth_token": "twilio-test-token",
+    "public_base_url": "https://billing.example.test",
+    "supabase_jwt_secret": "supabase-test-jwt-secret-at-least-32-bytes",
+    "stripe_api_key": "sk_test_creditledger",
+}
+
+
+@pytest.fixture
+def shim_config(db_url):
+    """The shim's configuration against this test's database, every provider configured."""
+    from shim.config import Config
+
+    return Config(database_url=db_url, **SECRETS)
+
+
+@pytest.fixture
+def shim_app(shim_config):
+    """The Flask app with a real pool on this test's database."""
+    from shim.app import create_app
+    from shim.pool import open_pool
+
+    pool = open_pool(shim_config.database_url, max_size=20)
+    pool.open(wait=True)
+    try:
+        yield create_app(shim_config, pool=pool)
+    finally:
+        pool.close()
+
+
+@pytest.fixture
+def client(shim_app):
+    """Flask's test client: the real request stack, in-process."""
+    return shim_app.test_client()

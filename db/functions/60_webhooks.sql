@@ -20,8 +20,10 @@ CREATE OR REPLACE FUNCTION billing._outcome(
   LANGUAGE sql IMMUTABLE SECURITY INVOKER SET search_path = ''
 AS $$
   SELECT pg_catalog.jsonb_strip_nulls(pg_catalog.jsonb_build_object(
-    'status', p_status, 'org_id', p_org_id, 'note', p_note,
-    'result', CASE WHEN p_result.status IS NOT NULL THEN pg_catalog.to_jsonb(p_result) END))
+           'status', p_status, 'org_id', p_org_id, 'note', p_note))
+         || CASE WHEN p_result.status IS NOT NULL
+                 THEN pg_catalog.jsonb_build_object('result', pg_catalog.to_jsonb(p_result))
+                 ELSE '{}' END
 $$;
 
 -- Turn a money result into an inbox outcome: a currency mismatch is stored, not applied, and

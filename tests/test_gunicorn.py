@@ -1,0 +1,75 @@
+"""The shim under gunicorn on loopback: many concurrent deliveries of one event credit once."""
+
+import concurrent.futures
+import json
+import os
+import socket
+import subprocess
+import time
+
+import pytest
+import requests
+
+from shim.cli import gunicorn_argv
+from shim.fakes import payloads
+from tests.conftest import SECRETS
+from tests.db_helpers import ledger_count, open_wallet, wallet
+from tests.senders import paid_checkout, stripe_event
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def gunicorn_url(db_url, tmp_path):
+    """gunicorn serving the app on 127.0.0.1, stopped after the test."""
+    port = free_port()
+    env = dict(os.environ, DATABASE_URL=db_url,
+               **{name.upper(): value for name, value in SECRETS.items()})
+    argv = gunicorn_argv(port, workers=2, threads=4)
+    argv[argv.index("--bind") + 1] = f"127.0.0.1:{port}"
+    log = tmp_path / "gunicorn.log"
+    with log.open("wb") as log_file:
+        server = subprocess.Popen(argv, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                if requests.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        else:
+            pytest.fail(f"gunicorn did not start: {log.read_text()}")
+        yield url
+    finally:
+        server.terminate()
+        server.wait(20)
+
+
+def test_concurrent_deliveries_of_one_event_credit_once(gunicorn_url, service, db):
+    org = open_wallet(service)
+    session, _ = paid_checkout(org, 2500)
+    body = json.dumps(stripe_event("checkout.session.completed", session)).encode()
+
+    def deliver(_):
+        header = payloads.sign_stripe(body, SECRETS["stripe_webhook_secret"], int(time.time()))
+        return requests.post(f"{gunicorn_url}/webhooks/stripe", data=body, timeout=30,
+                             headers={"Stripe-Signature": header, "Content-Type": "application/json"})
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
+        answers = list(pool.map(deliver, range(32)))
+    assert {a.status_code for a in answers} == {200}
+    statuses = sorted(a.json()["status"] for a in answers)
+    assert statuses.count("processed") == 1 and statuses.count("duplicate") == 31
+    assert wallet(db, org)["balance_minor"] == 2500
+    assert ledger_count(db, org) == 1
+
+
+def test_metrics_count_requests_by_endpoint_and_code(gunicorn_url):
+    requests.post(f"{gunicorn_url}/webhooks/stripe", data=b"{}", timeout=10)
+    text = requests.get(f"{gunicorn_url}/metrics", timeout=10).text
+    assert 'creditledger_http_requests_total{code="400",endpoint="/webhooks/stripe"}' in text
