@@ -27,8 +27,14 @@ check: lint test
 migrate: $(STAMP)
 	$(CLI) migrate
 
+bench: $(STAMP)
+	$(PY) -m bench.run
+
 clean:
 	rm -rf $(VENV) .pgdata demo-output bench/out
 
 serve: $(STAMP)
 	$(CLI) serve
+
+worker: $(STAMP)
+	$(CLI) worker

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import logging
 import os
 import sys
 
@@ -36,6 +37,22 @@ def cmd_serve(args) -> int:
     return 0  # not reached: exec replaces this process
 
 
+def cmd_worker(args) -> int:
+    """Retry failed webhooks, expire holds, charge auto-recharges (and reconcile, when due)."""
+    from shim.config import Config
+    from shim.pool import open_pool
+    from shim.worker import run_forever, run_once
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    config = Config()
+    with open_pool(config.database_url) as pool:
+        if args.once:
+            print(json.dumps(run_once(pool, config), default=str))
+        else:
+            run_forever(pool, config, args.interval)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Subcommands, one per job the Makefile names."""
     parser = argparse.ArgumentParser(prog="creditledger", description=__doc__)
@@ -46,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=2)
     serve.add_argument("--threads", type=int, default=8)
     serve.set_defaults(func=cmd_serve)
+    worker = sub.add_parser("worker", help=cmd_worker.__doc__)
+    worker.add_argument("--once", action="store_true", help="one pass of everything due, then exit")
+    worker.add_argument("--interval", type=float, default=5.0, help="seconds between passes")
+    worker.set_defaults(func=cmd_worker)
     return parser
 
 

@@ -109,11 +109,12 @@ SECRETS = {
 
 
 @pytest.fixture
-def shim_config(db_url):
-    """The shim's configuration against this test's database, every provider configured."""
+def shim_config(db_url, fake_stripe):
+    """The shim's configuration against this test's database, every provider configured and
+    Stripe's API pointed at the fake."""
     from shim.config import Config
 
-    return Config(database_url=db_url, **SECRETS)
+    return Config(database_url=db_url, stripe_api_base=fake_stripe.url, **SECRETS)
 
 
 @pytest.fixture
@@ -134,3 +135,54 @@ def shim_app(shim_config):
 def client(shim_app):
     """Flask's test client: the real request stack, in-process."""
     return shim_app.test_client()
+
+
+# ---------------------------------------------------------------------------- fake providers
+
+
+class FakeProvider:
+    """A fake provider API served on loopback, with its /_control endpoints at hand."""
+
+    def __init__(self, url: str):
+        self.url = url
+
+    def control(self, path: str, body=None) -> dict:
+        import requests
+
+        answer = requests.post(f"{self.url}/_control/{path}", json=body or {}, timeout=10)
+        answer.raise_for_status()
+        return answer.json()
+
+    def stats(self) -> dict:
+        import requests
+
+        return requests.get(f"{self.url}/_control/stats", timeout=10).json()
+
+
+@pytest.fixture
+def shim_url(shim_app):
+    """The shim served on 127.0.0.1 (threaded werkzeug), for providers that call it back."""
+    from shim.fakes.serve import serve_in_thread
+
+    url, stop = serve_in_thread(shim_app)
+    yield url
+    stop()
+
+
+@pytest.fixture
+def fake_stripe():
+    """The stateful fake Stripe API on loopback (no webhook delivery until stripe_delivers)."""
+    from shim.fakes import stripe_api
+    from shim.fakes.serve import serve_in_thread
+
+    url, stop = serve_in_thread(stripe_api.create_app())
+    yield FakeProvider(url)
+    stop()
+
+
+@pytest.fixture
+def stripe_delivers(fake_stripe, shim_url):
+    """Make the fake Stripe deliver its events, signed, to the running shim."""
+    fake_stripe.control("webhooks", {"url": f"{shim_url}/webhooks/stripe",
+                                     "secret": SECRETS["stripe_webhook_secret"], "deliver": True})
+    return fake_stripe

@@ -72,3 +72,43 @@ def as_user(
         conn.execute("SELECT set_config('role', %s, true)", (role,))
         conn.execute("SELECT set_config('request.jwt.claims', %s, true)", (json.dumps(claims),))
         yield conn
+
+
+# ---------------------------------------------------------------------------- rule-test helpers
+
+
+def one(conn, sql: str, params=()) -> dict:
+    """Run one statement and return its single row (an api.op_result, a wallet row, ...)."""
+    return conn.execute(sql, params).fetchone()
+
+
+def refusal(conn, sql: str, params=()) -> psycopg.Error:
+    """Run a statement that must fail; return the error so the test can check its SQLSTATE."""
+    try:
+        conn.execute(sql, params)
+    except psycopg.Error as exc:
+        return exc
+    raise AssertionError(f"expected an error from: {sql}")
+
+
+def hold_row(conn, ref: str, purpose: str = "call") -> dict | None:
+    """The hold of a call or SMS, read as the superuser (None when there is none)."""
+    return conn.execute(
+        "SELECT * FROM billing.holds WHERE purpose = %s AND ref = %s", (purpose, ref)
+    ).fetchone()
+
+
+def notifications(conn, org_id, kind: str) -> list[dict]:
+    """The notifications of one kind recorded for an org, oldest first."""
+    return conn.execute(
+        "SELECT * FROM billing.notifications WHERE org_id = %s AND kind = %s ORDER BY id",
+        (org_id, kind),
+    ).fetchall()
+
+
+def snapshot_without_holds(conn) -> dict:
+    """snapshot() minus billing.holds: a refused authorisation stores its refusal as a hold row
+    (so that its retry stays refused) and must change nothing else."""
+    snap = snapshot(conn)
+    del snap["holds"]
+    return snap

@@ -1,0 +1,76 @@
+"""Auto-recharge: turn pending claims (taken in SQL) into off-session PaymentIntents.
+
+Each claim carries its own idempotency key, so a worker that crashes after Stripe accepted the
+charge and before recording it charges nothing twice: the next pass sends the same key and
+Stripe replays the first answer (https://docs.stripe.com/api/idempotent_requests). What an
+answer means for the ledger is decided in SQL (api.record_recharge_result), exactly as when the
+payment_intent.succeeded / payment_failed webhook reports it first."""
+
+import logging
+
+import stripe
+
+from shim.queries import QUERIES
+
+log = logging.getLogger(__name__)
+
+
+def charge_claim(client: stripe.StripeClient, claim: dict) -> dict:
+    """Charge one claim's saved card off-session; return the arguments of record_recharge_result,
+    or None when Stripe could not be reached (the claim's lease expires and it is retried)."""
+    recorded = {"claim_id": claim["claim_id"], "payment_intent_id": None, "amount_minor": None,
+                "currency": None, "failure_code": None}
+    try:
+        intent = client.v1.payment_intents.create(
+            params={
+                "amount": claim["amount_minor"],
+                "currency": claim["currency"],
+                "customer": claim["stripe_customer_id"],
+                "payment_method": claim["stripe_payment_method_id"],
+                "off_session": True,
+                "confirm": True,
+                "description": "Automatic credit recharge",
+                "metadata": {"org_id": str(claim["org_id"]),
+                             "recharge_claim_id": str(claim["claim_id"])},
+            },
+            options={"idempotency_key": claim["idempotency_key"]},
+        )
+    except stripe.CardError as exc:
+        # A decline (card_declined, authentication_required, ...): the claim fails and cools down.
+        error = exc.error
+        intent_id = error.payment_intent.id if error and error.payment_intent else None
+        return recorded | {"outcome": "failed", "payment_intent_id": intent_id,
+                           "failure_code": exc.code or "card_error"}
+    except (stripe.RateLimitError, stripe.APIConnectionError, stripe.APIError) as exc:
+        log.warning("recharge claim %s: Stripe unavailable (%s); retried after its lease",
+                    claim["claim_id"], exc)
+        return None
+    except stripe.InvalidRequestError as exc:
+        return recorded | {"outcome": "failed", "failure_code": exc.code or "invalid_request"}
+
+    if intent.status == "succeeded":
+        return recorded | {"outcome": "succeeded", "payment_intent_id": intent.id,
+                           "amount_minor": intent.amount_received or intent.amount,
+                           "currency": intent.currency}
+    if intent.status in ("requires_action", "requires_payment_method"):
+        return recorded | {"outcome": "failed", "payment_intent_id": intent.id,
+                           "failure_code": "authentication_required"}
+    # processing: the payment_intent.* webhook settles the claim.
+    return None
+
+
+def process_claims(pool, client: stripe.StripeClient, max_claims: int = 20) -> dict:
+    """One pass: lease due claims, charge each, record each answer. Returns counts."""
+    counts = {"leased": 0, "succeeded": 0, "failed": 0, "deferred": 0}
+    with pool.connection() as conn:
+        claims = conn.execute(QUERIES["lease_recharge_claims"], {"max_claims": max_claims}).fetchall()
+    for claim in claims:
+        counts["leased"] += 1
+        recorded = charge_claim(client, claim)
+        if recorded is None:
+            counts["deferred"] += 1
+            continue
+        with pool.connection() as conn:
+            conn.execute(QUERIES["record_recharge_result"], recorded)
+        counts[recorded["outcome"]] += 1
+    return counts

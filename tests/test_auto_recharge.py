@@ -1,0 +1,149 @@
+"""Auto-recharge: one claim per low balance, one PaymentIntent per claim, no retry storm."""
+
+import concurrent.futures
+import dataclasses
+import uuid
+
+import psycopg
+import pytest
+
+from shim.pool import open_pool
+from shim.recharge import process_claims
+from shim.stripe_client import make_client
+from shim.worker import run_once
+from tests.db_helpers import as_user, ledger_count, open_wallet, wallet
+
+CUSTOMER, CARD = "cus_RechargeTest01", "pm_card_visa_recharge"
+
+
+@pytest.fixture
+def pool(db_url):
+    with open_pool(db_url, max_size=4) as pool:
+        yield pool
+
+
+def recharging_org(service, db, balance=3_000, threshold=1_000, amount=2_000, card=CARD):
+    """An org with a saved card and auto-recharge on (configured by its owner)."""
+    org = open_wallet(service, balance_minor=balance)
+    service.execute("SELECT * FROM api.set_payment_method(%s, %s, %s)", (org, CUSTOMER, card))
+    with as_user(db, org, "owner", commit=True) as conn:
+        conn.execute("SELECT * FROM api.configure_auto_recharge(true, %s::bigint, %s::bigint)",
+                     (threshold, amount))
+    return org
+
+
+def charge_call(conn, org, seconds, call_id=None):
+    return conn.execute("SELECT * FROM api.deduct_call_credits(%s, %s, %s)",
+                        (org, call_id or f"call-{uuid.uuid4()}", seconds)).fetchone()
+
+
+def claims(db, org):
+    return db.execute("SELECT * FROM billing.recharge_claims WHERE org_id = %s ORDER BY id", (org,)).fetchall()
+
+
+def intents_created(fake_stripe):
+    return fake_stripe.stats()["endpoints"].get("POST /v1/payment_intents", {}).get("created", 0)
+
+
+def test_crossing_the_threshold_takes_one_claim_sized_back_to_target(service, db):
+    org = recharging_org(service, db)
+    charge_call(service, org, 60 * 30)  # 30 min x 70 = 2100 -> balance 900
+    (claim,) = claims(db, org)
+    assert claim["status"] == "pending"
+    assert claim["amount_minor"] == 1_000 + 2_000 - 900  # back to threshold + amount in one charge
+    charge_call(service, org, 60)
+    assert len(claims(db, org)) == 1
+
+
+def test_fifty_concurrent_charges_make_one_claim_and_one_payment_intent(db_url, service, db, shim_config,
+                                                                        fake_stripe, pool):
+    org = recharging_org(service, db, balance=4_000)
+
+    def charge(_):
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            conn.execute("SELECT api.deduct_call_credits(%s, %s, 60)", (org, f"call-{uuid.uuid4()}"))
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=25) as executor:
+        list(executor.map(charge, range(50)))  # 50 x 70 = 3500: the balance crosses 1000 on the way to 500
+    assert len(claims(db, org)) == 1
+    run_once(pool, shim_config)
+    run_once(pool, shim_config)
+    assert intents_created(fake_stripe) == 1
+    assert claims(db, org)[0]["status"] == "succeeded"
+    (claim,) = claims(db, org)
+    assert claim["amount_minor"] == 3_000 - 990  # taken at the first balance below 1000: 4000 - 43 x 70
+    assert wallet(db, org)["balance_minor"] == 500 + claim["amount_minor"]
+    assert ledger_count(db, org) == 1 + 50 + 1
+
+
+def test_declined_card_fails_the_claim_and_waits_for_its_cooldown(service, db, shim_config, fake_stripe, pool):
+    org = recharging_org(service, db, card="pm_card_declines")
+    fake_stripe.control("decline", {"payment_method": "pm_card_declines", "code": "card_declined"})
+    charge_call(service, org, 60 * 30)
+    assert process_claims(pool, make_client(shim_config))["failed"] == 1
+    (claim,) = claims(db, org)
+    assert claim["status"] == "failed" and claim["failure_code"] == "card_declined"
+
+    for _ in range(3):  # more charges, more worker passes: no new claim while cooling down
+        charge_call(service, org, 60)
+        run_once(pool, shim_config)
+    assert len(claims(db, org)) == 1
+    assert intents_created(fake_stripe) == 0
+    kinds = [n["kind"] for n in db.execute("SELECT kind FROM billing.notifications WHERE org_id = %s", (org,))]
+    assert kinds.count("auto_recharge_failed") == 1
+
+
+def test_repeated_failures_disable_auto_recharge_and_alert(service, db, shim_config, fake_stripe, pool):
+    org = recharging_org(service, db, card="pm_card_needs_3ds")
+    fake_stripe.control("decline", {"payment_method": "pm_card_needs_3ds", "code": "authentication_required"})
+    db.execute("UPDATE billing.settings SET recharge_cooldown = interval '0 seconds'")
+    charge_call(service, org, 60 * 30)
+    for _ in range(3):
+        run_once(pool, shim_config)
+        charge_call(service, org, 60)
+    w = wallet(db, org)
+    assert not w["auto_recharge_enabled"] and "authentication_required" in w["auto_recharge_disabled_reason"]
+    assert [c["status"] for c in claims(db, org)] == ["failed"] * 3
+    assert db.execute("SELECT count(*) AS n FROM billing.notifications WHERE kind = 'auto_recharge_disabled'"
+                      ).fetchone()["n"] == 1
+
+
+def test_crash_after_stripe_accepted_does_not_charge_twice(service, db, shim_config, fake_stripe, pool):
+    """The worker charged the card, then died before recording. On restart the claim's lease
+    has expired; the same idempotency key makes Stripe replay its answer: one charge, one credit."""
+    org = recharging_org(service, db)
+    charge_call(service, org, 60 * 30)
+    with pool.connection() as conn:
+        (claim,) = conn.execute("SELECT * FROM api.lease_recharge_claims(1)").fetchall()
+    from shim.recharge import charge_claim
+
+    charge_claim(make_client(shim_config), claim)  # Stripe accepted; the record never happened
+    db.execute("UPDATE billing.recharge_claims SET leased_until = now() - interval '1 second'")
+
+    assert process_claims(pool, make_client(shim_config))["succeeded"] == 1
+    stats = fake_stripe.stats()["endpoints"]["POST /v1/payment_intents"]
+    assert stats["created"] == 1 and stats["replayed"] == 1
+    assert ledger_count(db, org) == 3  # seed credit, the call, one recharge
+
+
+def test_webhook_and_worker_both_report_the_success_credit_once(service, db, shim_config, stripe_delivers, pool):
+    org = recharging_org(service, db)
+    charge_call(service, org, 60 * 30)
+    process_claims(pool, make_client(shim_config))  # the fake delivers payment_intent.succeeded too
+    event = db.execute("SELECT * FROM billing.webhook_events WHERE event_type = 'payment_intent.succeeded'"
+                       ).fetchone()
+    assert event["status"] == "processed"
+    assert {event["result"]["result"]["status"]} <= {"applied", "duplicate"}
+    recharges = db.execute("SELECT * FROM billing.ledger_entries WHERE kind = 'auto_recharge'").fetchall()
+    assert len(recharges) == 1
+    assert wallet(db, org)["balance_minor"] == 900 + claims(db, org)[0]["amount_minor"]
+
+
+def test_stripe_outage_defers_the_claim_without_failing_it(service, db, shim_config, fake_stripe, pool):
+    org = recharging_org(service, db)
+    charge_call(service, org, 60 * 30)
+    fake_stripe.control("fail", {"count": 10, "status": 500})
+    config = dataclasses.replace(shim_config)
+    counts = process_claims(pool, make_client(config, max_network_retries=0))
+    assert counts["deferred"] == 1
+    assert claims(db, org)[0]["status"] == "pending"
