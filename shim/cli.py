@@ -53,6 +53,22 @@ def cmd_worker(args) -> int:
     return 0
 
 
+def cmd_reconcile(args) -> int:
+    """Reconcile the ledger with Stripe or Vapi over --since (e.g. 7d, 24h)."""
+    from shim.config import Config
+    from shim.pool import open_pool
+    from shim.reconcile import parse_since
+    from shim.worker import reconcile_provider
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    config = Config()
+    with open_pool(config.database_url) as pool:
+        since = parse_since(args.since) if args.since else None
+        run = reconcile_provider(pool, config, args.provider, since)
+    print(json.dumps(run, indent=2, default=str))
+    return 0 if run.get("status") == "completed" else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Subcommands, one per job the Makefile names."""
     parser = argparse.ArgumentParser(prog="creditledger", description=__doc__)
@@ -67,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--once", action="store_true", help="one pass of everything due, then exit")
     worker.add_argument("--interval", type=float, default=5.0, help="seconds between passes")
     worker.set_defaults(func=cmd_worker)
+    reconcile = sub.add_parser("reconcile", help=cmd_reconcile.__doc__)
+    reconcile.add_argument("provider", choices=["stripe", "vapi"])
+    reconcile.add_argument("--since", default=None, help="how far back: 7d, 24h, 90m (default: 7d / 24h)")
+    reconcile.set_defaults(func=cmd_reconcile)
     return parser
 
 

@@ -36,3 +36,7 @@ SELECT * FROM api.record_recharge_result(%(claim_id)s::bigint, %(outcome)s::text
 -- name: schema_current
 -- Whether every migration in this release has been applied (for /healthz).
 SELECT count(*) AS applied FROM public._yoyo_migration WHERE migration_id = ANY(%(ids)s::text[])
+
+-- name: reconciliation_due
+-- Whether a provider's scheduled reconciliation is due, and its lookback.
+SELECT api.reconciliation_due(%(provider)s::text) AS due

@@ -5,12 +5,43 @@ events, releasing expired holds, charging auto-recharge claims, scheduled reconc
 import logging
 import time
 
+from datetime import timedelta
+
 from shim.config import Config
+from shim.http_errors import require
 from shim.queries import QUERIES
 from shim.recharge import process_claims
+from shim.reconcile import VapiCalls, reconcile_stripe, reconcile_vapi
 from shim.stripe_client import make_client
 
 log = logging.getLogger(__name__)
+
+
+DEFAULT_SINCE = {"stripe": timedelta(days=7), "vapi": timedelta(hours=24)}
+
+
+def reconcile_provider(pool, config: Config, provider: str, since: timedelta | None = None) -> dict:
+    """One reconciliation run against one provider (NotConfigured when its key is missing)."""
+    since = since or DEFAULT_SINCE[provider]
+    if provider == "stripe":
+        return reconcile_stripe(pool, make_client(config), since)
+    calls = VapiCalls(config.vapi_api_base, require(config.vapi_api_key, "VAPI_API_KEY"))
+    return reconcile_vapi(pool, calls, since)
+
+
+def reconcile_due(pool, config: Config) -> dict:
+    """Run each configured provider's reconciliation when the schedule says it is due."""
+    report = {}
+    for provider, key in (("stripe", config.stripe_api_key), ("vapi", config.vapi_api_key)):
+        if not key:
+            report[provider] = "skipped: not configured"
+            continue
+        with pool.connection() as conn:
+            due = conn.execute(QUERIES["reconciliation_due"], {"provider": provider}).fetchone()["due"]
+        if due["due"]:
+            run = reconcile_provider(pool, config, provider, timedelta(seconds=float(due["lookback_seconds"])))
+            report[provider] = {k: run[k] for k in ("id", "status", "seen", "recovered", "discrepancies")}
+    return report
 
 
 def run_once(pool, config: Config) -> dict:
@@ -24,6 +55,7 @@ def run_once(pool, config: Config) -> dict:
         report["recharges"] = process_claims(pool, make_client(config))
     else:
         report["recharges"] = "skipped: STRIPE_API_KEY is not set"
+    report["reconciliation"] = reconcile_due(pool, config)
     return report
 
 

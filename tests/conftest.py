@@ -186,3 +186,14 @@ def stripe_delivers(fake_stripe, shim_url):
     fake_stripe.control("webhooks", {"url": f"{shim_url}/webhooks/stripe",
                                      "secret": SECRETS["stripe_webhook_secret"], "deliver": True})
     return fake_stripe
+
+
+@pytest.fixture
+def fake_vapi():
+    """The fake Vapi API (GET /call) on loopback."""
+    from shim.fakes import vapi_api
+    from shim.fakes.serve import serve_in_thread
+
+    url, stop = serve_in_thread(vapi_api.create_app("vapi-test-api-key"))
+    yield FakeProvider(url)
+    stop()

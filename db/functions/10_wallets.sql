@@ -124,7 +124,10 @@ BEGIN
   END IF;
   UPDATE billing.wallets AS wl
      SET low_balance_threshold_minor = set_low_balance_threshold.threshold_minor,
-         below_low_balance = false,
+         -- A new threshold starts a new crossing; re-sending the same one notifies nobody again.
+         below_low_balance = CASE WHEN wl.low_balance_threshold_minor
+                                       IS NOT DISTINCT FROM set_low_balance_threshold.threshold_minor
+                                  THEN wl.below_low_balance ELSE false END,
          version = wl.version + 1, updated_at = now()
    WHERE wl.org_id = set_low_balance_threshold.org_id
   RETURNING * INTO w;

@@ -51,6 +51,9 @@ CREATE OR REPLACE FUNCTION billing._post_entry(
 AS $$
 DECLARE
   v_balance bigint := w.balance_minor + p_amount_minor;
+  -- Stored on the entry, so that a duplicate answers with the original outcome's reason.
+  v_reason text := coalesce(p_reason,
+                            CASE WHEN v_balance < -w.debt_limit_minor THEN 'debt_limit_exceeded' END);
   v_entry_id bigint;
 BEGIN
   INSERT INTO billing.ledger_entries AS le (
@@ -58,7 +61,7 @@ BEGIN
     reason, source, provider_ref, details, occurred_at)
   VALUES (
     w.org_id, p_amount_minor, v_balance, w.currency, p_kind, p_key, p_fingerprint,
-    p_reason, p_source, p_provider_ref, coalesce(p_details, '{}'), coalesce(p_occurred_at, now()))
+    v_reason, p_source, p_provider_ref, coalesce(p_details, '{}'), coalesce(p_occurred_at, now()))
   ON CONFLICT DO NOTHING
   RETURNING le.id INTO v_entry_id;
 
@@ -69,7 +72,7 @@ BEGIN
   UPDATE billing.wallets
      SET balance_minor = v_balance, version = version + 1, updated_at = now()
    WHERE org_id = w.org_id;
-  RETURN ROW('applied', v_entry_id, p_amount_minor, v_balance, p_reason)::api.op_result;
+  RETURN ROW('applied', v_entry_id, p_amount_minor, v_balance, v_reason)::api.op_result;
 END
 $$;
 

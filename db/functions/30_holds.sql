@@ -63,6 +63,7 @@ END
 $$;
 
 -- Settle an open hold of a locked wallet (captured, released or expired) and free its amount.
+-- Returns the amount freed, or null when the hold was no longer open (a 0 hold still frees 0).
 CREATE OR REPLACE FUNCTION billing._settle_hold(p_hold_id bigint, p_status text)
   RETURNS bigint
   LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = ''
@@ -74,7 +75,7 @@ BEGIN
    WHERE id = p_hold_id AND status = 'open'
   RETURNING * INTO h;
   IF NOT FOUND THEN
-    RETURN 0;
+    RETURN NULL;
   END IF;
   UPDATE billing.wallets SET held_minor = held_minor - h.amount_minor, version = version + 1,
                              updated_at = now()
@@ -340,7 +341,7 @@ BEGIN
     RETURN r;
   ELSIF p_status IN ('failed', 'undelivered', 'canceled') THEN
     RETURN billing._result(
-      CASE WHEN billing._settle_hold(h.id, 'released') > 0 THEN 'applied' ELSE 'duplicate' END,
+      CASE WHEN billing._settle_hold(h.id, 'released') IS NOT NULL THEN 'applied' ELSE 'duplicate' END,
       h.org_id, NULL, NULL, h.amount_minor);
   END IF;
   RETURN billing._result('applied', h.org_id, NULL);

@@ -77,7 +77,7 @@ GRANT EXECUTE ON FUNCTION api.lease_recharge_claims(integer) TO service_role;
 -- payment) and close the claim. The wallet is locked by the credit before the claim is touched.
 CREATE OR REPLACE FUNCTION billing._recharge_succeeded(
   p_claim_id bigint, p_payment_intent_id text, p_amount_minor bigint, p_currency text,
-  p_details jsonb)
+  p_details jsonb, p_occurred_at timestamptz)
   RETURNS api.op_result
   LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = ''
 AS $$
@@ -90,7 +90,7 @@ BEGIN
     PERFORM billing._invalid('recharge_claim_id', pg_catalog.format('no claim %s', p_claim_id));
   END IF;
   r := billing._credit_stripe_payment(c.org_id, p_payment_intent_id, p_amount_minor, p_currency,
-                                      'auto_recharge', p_details);
+                                      'auto_recharge', p_details, p_occurred_at);
   IF r.status IN ('applied', 'duplicate') THEN
     UPDATE billing.recharge_claims
        SET status = 'succeeded', payment_intent_id = p_payment_intent_id, settled_at = now(),
@@ -166,7 +166,7 @@ BEGIN
     PERFORM billing._check_key('payment_intent_id', payment_intent_id);
     PERFORM billing._check_amount('amount_minor', amount_minor);
     RETURN billing._recharge_succeeded(claim_id, payment_intent_id, amount_minor, currency,
-                                       pg_catalog.jsonb_build_object('recorded_by', 'worker'));
+                                       pg_catalog.jsonb_build_object('recorded_by', 'worker'), now());
   ELSIF outcome = 'failed' THEN
     RETURN billing._recharge_failed(claim_id, failure_code, payment_intent_id);
   END IF;

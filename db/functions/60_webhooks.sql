@@ -52,7 +52,7 @@ $$;
 -- it first: Checkout completion and payment_intent.succeeded credit once between them.
 CREATE OR REPLACE FUNCTION billing._credit_stripe_payment(
   p_org_id uuid, p_payment_intent_id text, p_amount_minor bigint, p_currency text,
-  p_kind text, p_details jsonb)
+  p_kind text, p_details jsonb, p_occurred_at timestamptz)
   RETURNS api.op_result
   LANGUAGE sql VOLATILE SECURITY INVOKER SET search_path = ''
 AS $$
@@ -63,7 +63,7 @@ AS $$
                                   'amount_minor', p_amount_minor, 'kind', p_kind),
     'stripe', 'stripe:payment_intent:' || p_payment_intent_id,
     p_details || pg_catalog.jsonb_build_object('payment_intent', p_payment_intent_id),
-    now(), lower(p_currency))
+    p_occurred_at, lower(p_currency))
 $$;
 
 -- The org a Stripe payment was credited to, or an error (retried by the worker): a refund or
@@ -171,6 +171,9 @@ CREATE OR REPLACE FUNCTION billing._apply_stripe_event(p_type text, p_event json
 AS $$
 DECLARE
   o jsonb := p_event -> 'data' -> 'object';
+  -- When the payment happened at Stripe, not when we heard of it (reconciliation compares these).
+  v_occurred_at timestamptz := coalesce(
+    pg_catalog.to_timestamp((p_event ->> 'created')::double precision), now());
   v_org uuid;
   v_amount bigint;
   v_claim bigint;
@@ -192,7 +195,8 @@ BEGIN
     END IF;
     r := billing._credit_stripe_payment(
       v_org, coalesce(o ->> 'payment_intent', o ->> 'id'), v_amount, o ->> 'currency', 'top_up',
-      pg_catalog.jsonb_build_object('checkout_session', o ->> 'id', 'event', p_event ->> 'id'));
+      pg_catalog.jsonb_build_object('checkout_session', o ->> 'id', 'event', p_event ->> 'id'),
+      v_occurred_at);
     UPDATE billing.checkout_requests SET status = 'completed', updated_at = now()
      WHERE session_id = o ->> 'id' AND r.status IN ('applied', 'duplicate');
     RETURN billing._money_outcome(v_org, r, 'stripe', o ->> 'id',
@@ -207,10 +211,12 @@ BEGIN
     v_claim := (o -> 'metadata' ->> 'recharge_claim_id')::bigint;
     IF v_claim IS NOT NULL THEN
       r := billing._recharge_succeeded(v_claim, o ->> 'id', v_amount, o ->> 'currency',
-                                       pg_catalog.jsonb_build_object('event', p_event ->> 'id'));
+                                       pg_catalog.jsonb_build_object('event', p_event ->> 'id'),
+                                       v_occurred_at);
     ELSE
       r := billing._credit_stripe_payment(v_org, o ->> 'id', v_amount, o ->> 'currency', 'top_up',
-                                          pg_catalog.jsonb_build_object('event', p_event ->> 'id'));
+                                          pg_catalog.jsonb_build_object('event', p_event ->> 'id'),
+                                          v_occurred_at);
     END IF;
     RETURN billing._money_outcome(v_org, r, 'stripe', o ->> 'id',
                                   pg_catalog.jsonb_build_object('currency', o ->> 'currency'));

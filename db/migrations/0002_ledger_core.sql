@@ -60,7 +60,10 @@ CREATE TABLE billing.settings (
   webhook_max_attempts            integer NOT NULL DEFAULT 8 CHECK (webhook_max_attempts > 0),
   webhook_retry_base              interval NOT NULL DEFAULT interval '30 seconds',
   checkout_lease                  interval NOT NULL DEFAULT interval '30 seconds',
-  checkout_dedupe_window          interval NOT NULL DEFAULT interval '60 seconds'
+  checkout_dedupe_window          interval NOT NULL DEFAULT interval '60 seconds',
+  reconcile_every                 interval NOT NULL DEFAULT interval '6 hours',
+  reconcile_stripe_lookback       interval NOT NULL DEFAULT interval '3 days',
+  reconcile_vapi_lookback         interval NOT NULL DEFAULT interval '24 hours'
 );
 INSERT INTO billing.settings DEFAULT VALUES;
 

@@ -1,0 +1,235 @@
+-- Reconciliation: Stripe's and Vapi's own records fed through the webhook path, so that what a
+-- lost webhook missed is applied exactly once, and what does not add up is recorded.
+
+-- Start a run, or resume the provider's interrupted one (its cursor says how far it got).
+CREATE OR REPLACE FUNCTION api.start_reconciliation_run(
+  provider text, window_start timestamptz, window_end timestamptz)
+  RETURNS jsonb
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = ''
+AS $$
+DECLARE
+  run billing.reconciliation_runs;
+BEGIN
+  IF provider IS NULL OR provider NOT IN ('stripe', 'vapi') THEN
+    PERFORM billing._invalid('provider', 'must be stripe or vapi');
+  END IF;
+  IF window_start IS NULL OR window_end IS NULL OR window_end <= window_start THEN
+    PERFORM billing._invalid('window_end', 'must be after window_start');
+  END IF;
+
+  -- An interrupted run over the same window continues where it stopped.
+  UPDATE billing.reconciliation_runs AS r
+     SET status = 'running', error = NULL, finished_at = NULL
+   WHERE r.id = (SELECT x.id FROM billing.reconciliation_runs AS x
+                  WHERE x.provider = start_reconciliation_run.provider
+                    AND x.window_start = start_reconciliation_run.window_start
+                    AND x.window_end = start_reconciliation_run.window_end
+                    AND x.status = 'failed'
+                  ORDER BY x.id DESC LIMIT 1 FOR UPDATE SKIP LOCKED)
+  RETURNING * INTO run;
+  IF NOT FOUND THEN
+    INSERT INTO billing.reconciliation_runs AS r (provider, window_start, window_end)
+    VALUES (start_reconciliation_run.provider, start_reconciliation_run.window_start,
+            start_reconciliation_run.window_end)
+    RETURNING * INTO run;
+  END IF;
+  RETURN pg_catalog.jsonb_build_object('run_id', run.id, 'resume_cursor', run.resume_cursor,
+                                       'resumed', run.resume_cursor IS NOT NULL);
+END
+$$;
+GRANT EXECUTE ON FUNCTION api.start_reconciliation_run(text, timestamptz, timestamptz) TO service_role;
+
+-- Count what one object did in a run; remember how far the run got.
+CREATE OR REPLACE FUNCTION billing._count_in_run(p_run_id bigint, p_outcome text, p_cursor timestamptz)
+  RETURNS void
+  LANGUAGE sql VOLATILE SECURITY INVOKER SET search_path = ''
+AS $$
+  UPDATE billing.reconciliation_runs
+     SET seen = seen + 1,
+         already_applied = already_applied + (p_outcome = 'already_applied')::integer,
+         recovered = recovered + (p_outcome = 'recovered')::integer,
+         resume_cursor = coalesce(p_cursor, resume_cursor)
+   WHERE id = p_run_id
+$$;
+
+-- Record something that does not add up, once per provider object and kind.
+CREATE OR REPLACE FUNCTION billing._record_discrepancy(
+  p_run_id bigint, p_provider text, p_kind text, p_ref text, p_org_id uuid, p_evidence jsonb)
+  RETURNS void
+  LANGUAGE sql VOLATILE SECURITY INVOKER SET search_path = ''
+AS $$
+  INSERT INTO billing.discrepancies (run_id, provider, kind, ref, org_id, evidence)
+  VALUES (p_run_id, p_provider, p_kind, p_ref, p_org_id, p_evidence)
+  ON CONFLICT ON CONSTRAINT discrepancies_provider_kind_ref_key DO NOTHING
+$$;
+
+-- How an inbox answer reads in a reconciliation: applied now (recovered), applied before by
+-- this event or another path (already_applied), or neither.
+CREATE OR REPLACE FUNCTION billing._reconcile_outcome(p_answer jsonb)
+  RETURNS text
+  LANGUAGE sql IMMUTABLE SECURITY INVOKER SET search_path = ''
+AS $$
+  SELECT CASE
+    WHEN p_answer ->> 'status' = 'duplicate' THEN 'already_applied'
+    WHEN p_answer -> 'result' ->> 'status' = 'applied' THEN 'recovered'
+    WHEN p_answer -> 'result' ->> 'status' = 'duplicate' THEN 'already_applied'
+    WHEN p_answer -> 'result' ->> 'status' = 'conflict' THEN 'mismatch'
+    ELSE coalesce(p_answer ->> 'status', 'unknown')
+  END
+$$;
+
+-- One Stripe event from GET /v1/events, through exactly the webhook's path.
+CREATE OR REPLACE FUNCTION api.reconcile_stripe_event(run_id bigint, event jsonb)
+  RETURNS jsonb
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = ''
+AS $$
+DECLARE
+  v_answer jsonb;
+  v_outcome text;
+  o jsonb := event -> 'data' -> 'object';
+BEGIN
+  IF event IS NULL OR event ->> 'id' IS NULL OR event ->> 'type' IS NULL THEN
+    PERFORM billing._invalid('event', 'must be a Stripe event with id and type');
+  END IF;
+  v_answer := api.ingest_webhook('stripe', event ->> 'id', event ->> 'type', event);
+  v_outcome := billing._reconcile_outcome(v_answer);
+  IF v_outcome = 'mismatch' THEN
+    PERFORM billing._record_discrepancy(
+      run_id, 'stripe', 'amount_mismatch', coalesce(o ->> 'payment_intent', o ->> 'id'),
+      billing._uuid_or_null(v_answer ->> 'org_id'),
+      pg_catalog.jsonb_build_object('event', event ->> 'id', 'stripe_amount',
+                                    coalesce(o -> 'amount_total', o -> 'amount_received', o -> 'amount'),
+                                    'ledger_entry_id', v_answer -> 'result' -> 'entry_id'));
+  END IF;
+  PERFORM billing._count_in_run(run_id, v_outcome,
+                                pg_catalog.to_timestamp((event ->> 'created')::double precision));
+  RETURN pg_catalog.jsonb_build_object('outcome', v_outcome, 'answer', v_answer);
+END
+$$;
+GRANT EXECUTE ON FUNCTION api.reconcile_stripe_event(bigint, jsonb) TO service_role;
+
+-- Ledger credits from Stripe in the window whose PaymentIntent Stripe did not list: phantoms.
+CREATE OR REPLACE FUNCTION api.record_stripe_phantoms(run_id bigint, known_payment_intents text[])
+  RETURNS integer
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = ''
+AS $$
+DECLARE
+  run billing.reconciliation_runs;
+  e billing.ledger_entries;
+  v_count integer := 0;
+BEGIN
+  SELECT * INTO run FROM billing.reconciliation_runs AS r WHERE r.id = record_stripe_phantoms.run_id;
+  IF NOT FOUND THEN
+    PERFORM billing._invalid('run_id', 'no such reconciliation run');
+  END IF;
+  FOR e IN SELECT * FROM billing.ledger_entries AS le
+            WHERE le.provider_ref LIKE 'stripe:payment_intent:%'
+              AND le.occurred_at >= run.window_start AND le.occurred_at <= run.window_end
+              AND NOT (pg_catalog.substr(le.provider_ref, 23) = ANY (coalesce(known_payment_intents, '{}'))) LOOP
+    PERFORM billing._record_discrepancy(
+      run.id, 'stripe', 'phantom', pg_catalog.substr(e.provider_ref, 23), e.org_id,
+      pg_catalog.jsonb_build_object('ledger_entry_id', e.id, 'amount_minor', e.amount_minor,
+                                    'created_at', e.created_at));
+    v_count := v_count + 1;
+  END LOOP;
+  RETURN v_count;
+END
+$$;
+GRANT EXECUTE ON FUNCTION api.record_stripe_phantoms(bigint, text[]) TO service_role;
+
+-- One Vapi Call object from GET /call: an ended call the ledger lacks is charged (same
+-- attribution and pricing as the end-of-call report); a different duration is a mismatch.
+CREATE OR REPLACE FUNCTION api.reconcile_vapi_call(run_id bigint, call jsonb)
+  RETURNS jsonb
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = ''
+AS $$
+DECLARE
+  v_answer jsonb;
+  v_outcome text;
+BEGIN
+  IF call IS NULL OR call ->> 'id' IS NULL THEN
+    PERFORM billing._invalid('call', 'must be a Vapi call with an id');
+  END IF;
+  IF call ->> 'status' IS DISTINCT FROM 'ended' THEN
+    v_outcome := 'not_ended';
+  ELSE
+    v_answer := billing._charge_vapi_call(call, call ->> 'startedAt', call ->> 'endedAt', 'reconciliation');
+    v_outcome := billing._reconcile_outcome(v_answer);
+    IF v_outcome = 'unattributed' THEN
+      PERFORM billing._record_discrepancy(
+        run_id, 'vapi', 'unattributed', call ->> 'id', NULL,
+        pg_catalog.jsonb_build_object('assistant_id', call ->> 'assistantId',
+                                      'phone_number_id', call ->> 'phoneNumberId',
+                                      'ended_at', call ->> 'endedAt'));
+    END IF;
+  END IF;
+  PERFORM billing._count_in_run(run_id, v_outcome, (call ->> 'updatedAt')::timestamptz);
+  RETURN pg_catalog.jsonb_build_object('outcome', v_outcome, 'answer', v_answer);
+END
+$$;
+GRANT EXECUTE ON FUNCTION api.reconcile_vapi_call(bigint, jsonb) TO service_role;
+
+-- Close a run with its final status and the number of discrepancies it found.
+CREATE OR REPLACE FUNCTION api.finish_reconciliation_run(run_id bigint, status text, error text DEFAULT NULL)
+  RETURNS jsonb
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = ''
+AS $$
+DECLARE
+  run billing.reconciliation_runs;
+BEGIN
+  IF status IS NULL OR status NOT IN ('completed', 'failed') THEN
+    PERFORM billing._invalid('status', 'must be completed or failed');
+  END IF;
+  UPDATE billing.reconciliation_runs AS r
+     SET status = finish_reconciliation_run.status, error = finish_reconciliation_run.error,
+         finished_at = now(),
+         discrepancies = (SELECT count(*) FROM billing.discrepancies AS d WHERE d.run_id = r.id)
+   WHERE r.id = finish_reconciliation_run.run_id
+  RETURNING * INTO run;
+  IF NOT FOUND THEN
+    PERFORM billing._invalid('run_id', 'no such reconciliation run');
+  END IF;
+  RETURN pg_catalog.to_jsonb(run);
+END
+$$;
+GRANT EXECUTE ON FUNCTION api.finish_reconciliation_run(bigint, text, text) TO service_role;
+
+-- Whether a provider's scheduled reconciliation is due (the worker asks every pass), and the
+-- window it should cover.
+CREATE OR REPLACE FUNCTION api.reconciliation_due(provider text)
+  RETURNS jsonb
+  LANGUAGE sql STABLE SECURITY DEFINER SET search_path = ''
+AS $$
+  SELECT pg_catalog.jsonb_build_object(
+    'due', coalesce(max(r.started_at) < now() - s.reconcile_every, true),
+    'lookback_seconds', EXTRACT(EPOCH FROM CASE reconciliation_due.provider WHEN 'stripe' THEN s.reconcile_stripe_lookback
+                                                         ELSE s.reconcile_vapi_lookback END))
+    FROM billing.settings AS s
+    LEFT JOIN billing.reconciliation_runs AS r
+      ON r.provider = reconciliation_due.provider AND r.status IN ('completed', 'running')
+   GROUP BY s.reconcile_every, s.reconcile_stripe_lookback, s.reconcile_vapi_lookback
+$$;
+GRANT EXECUTE ON FUNCTION api.reconciliation_due(text) TO service_role;
+
+-- An operator closes a discrepancy, saying what was done about it.
+CREATE OR REPLACE FUNCTION api.resolve_discrepancy(discrepancy_id bigint, resolution text)
+  RETURNS jsonb
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = ''
+AS $$
+DECLARE
+  d billing.discrepancies;
+BEGIN
+  IF resolution IS NULL OR pg_catalog.length(resolution) < 3 THEN
+    PERFORM billing._invalid('resolution', 'say what was done (at least 3 characters)');
+  END IF;
+  UPDATE billing.discrepancies AS x
+     SET status = 'resolved', resolution = resolve_discrepancy.resolution, resolved_at = now()
+   WHERE x.id = discrepancy_id AND x.status = 'open'
+  RETURNING * INTO d;
+  IF NOT FOUND THEN
+    PERFORM billing._invalid('discrepancy_id', 'no open discrepancy with this id');
+  END IF;
+  RETURN pg_catalog.to_jsonb(d);
+END
+$$;
+GRANT EXECUTE ON FUNCTION api.resolve_discrepancy(bigint, text) TO service_role;

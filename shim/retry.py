@@ -1,0 +1,33 @@
+"""Bounded retries with exponential backoff for provider API calls made by jobs: a 429 or a 5xx
+is retried a few times (honouring Retry-After), then the job fails and is resumed later."""
+
+import logging
+import time
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+
+class RetryableError(Exception):
+    """A provider answered 429 or 5xx: worth another try after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def with_backoff(call: Callable, *, retryable: tuple[type[BaseException], ...],
+                    attempts: int = 5, base_delay: float = 0.2, max_delay: float = 10.0):
+    """Run call(); on a retryable error wait base_delay x 2^n (or Retry-After), at most
+    `attempts` times in all, then let the last error through."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return call()
+        except retryable as exc:
+            if attempt == attempts:
+                raise
+            hinted = getattr(exc, "retry_after", None)
+            delay = min(max_delay, hinted if hinted is not None else base_delay * 2 ** (attempt - 1))
+            log.warning("provider busy (%s); attempt %d/%d, retrying in %.2fs", exc, attempt, attempts, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")

@@ -1,0 +1,185 @@
+"""Reconciliation: what lost webhooks missed is applied exactly once, and what does not add up
+is recorded."""
+
+import random
+import threading
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from shim.fakes import payloads
+from shim.pool import open_pool
+from shim.reconcile import VapiCalls, reconcile_stripe, reconcile_vapi
+from shim.stripe_client import make_client
+from tests.db_helpers import ledger_count, open_wallet, wallet
+from tests.jwt_tokens import supabase_token
+from tests.senders import post_vapi
+
+NOW = datetime.now(UTC)
+
+
+@pytest.fixture
+def pool(db_url):
+    with open_pool(db_url, max_size=4) as pool:
+        yield pool
+
+
+@pytest.fixture
+def vapi_calls(fake_vapi):
+    return VapiCalls(fake_vapi.url, "vapi-test-api-key")
+
+
+def pay(client, fake_stripe, org, amount):
+    """A customer pays a top-up through Checkout (its events delivered or not, per the fake)."""
+    answer = client.post("/top-ups", json={"amount_minor": amount, "client_request_id": str(uuid.uuid4())},
+                         headers={"Authorization": f"Bearer {supabase_token(org)}"})
+    return fake_stripe.control(f"complete_session/{answer.json['session_id']}")
+
+
+def ended_calls(org, n, start=NOW - timedelta(hours=2), seconds=60):
+    return [payloads.vapi_call(org_id=str(org), started_at=start + timedelta(seconds=i * 3),
+                               ended_at=start + timedelta(seconds=i * 3 + seconds),
+                               updated_at=start + timedelta(seconds=i * 3 + seconds + 1))
+            for i in range(n)]
+
+
+def test_a_day_with_a_fifth_of_webhooks_dropped_is_made_whole(client, service, db, stripe_delivers, shim_config,
+                                                             pool, fake_vapi, vapi_calls):
+    orgs = [open_wallet(service, balance_minor=100_000) for _ in range(3)]
+    stripe_delivers.control("webhooks", {"drop_ratio": 0.2, "seed": 7})
+    for i in range(15):
+        pay(client, stripe_delivers, orgs[i % 3], 1000 + i)
+
+    calls = [c for org in orgs for c in ended_calls(org, 10)]
+    fake_vapi.control("calls", calls)
+    rng = random.Random(7)
+    for call in calls:
+        if rng.random() >= 0.2:
+            post_vapi(client, payloads.vapi_end_of_call_report(call))
+
+    stripe_run = reconcile_stripe(pool, make_client(shim_config), timedelta(days=1))
+    vapi_run = reconcile_vapi(pool, vapi_calls, timedelta(days=1))
+    assert stripe_run["status"] == vapi_run["status"] == "completed"
+    assert stripe_run["recovered"] >= 1 and vapi_run["recovered"] >= 1
+
+    top_ups = db.execute("SELECT count(*) AS n, sum(amount_minor) AS total FROM billing.ledger_entries "
+                         "WHERE kind = 'top_up' AND source = 'stripe'").fetchone()
+    assert top_ups["n"] == 15 and top_ups["total"] == sum(1000 + i for i in range(15))
+    charges = db.execute("SELECT count(*) AS n FROM billing.ledger_entries WHERE kind = 'call_charge'").fetchone()
+    assert charges["n"] == 30
+    for org in orgs:  # 10 one-minute calls of 70 each
+        expected_topups = sum(1000 + i for i in range(15) if i % 3 == orgs.index(org))
+        assert wallet(db, org)["balance_minor"] == 100_000 + expected_topups - 10 * 70
+
+    again = reconcile_stripe(pool, make_client(shim_config), timedelta(days=1))
+    again_vapi = reconcile_vapi(pool, vapi_calls, timedelta(days=1))
+    assert again["recovered"] == 0 and again_vapi["recovered"] == 0
+    assert again["already_applied"] == again["seen"]
+
+
+def test_reconciliation_racing_live_webhooks_credits_once(client, service, db, stripe_delivers, shim_config, pool):
+    org = open_wallet(service)
+    stripe_delivers.control("webhooks", {"deliver": False})
+    for i in range(20):
+        pay(client, stripe_delivers, org, 1000 + i)
+    redelivery = threading.Thread(target=lambda: stripe_delivers.control("webhooks", {"deliver": True})
+                                  or stripe_delivers.control("redeliver", {}))
+    redelivery.start()
+    runs = [threading.Thread(target=reconcile_stripe, args=(pool, make_client(shim_config), timedelta(days=1)))
+            for _ in range(2)]
+    for run in runs:
+        run.start()
+    for thread in [redelivery, *runs]:
+        thread.join(60)
+    assert ledger_count(db, org) == 20
+    assert wallet(db, org)["balance_minor"] == sum(1000 + i for i in range(20))
+
+
+def test_phantom_credit_is_reported(client, service, db, fake_stripe, shim_config, pool):
+    org = open_wallet(service)
+    service.execute("SELECT api.add_wallet_credits(%s, 5000, 'forged', 'top_up', 'stripe', "
+                    "'stripe:payment_intent:pi_NeverHappened')", (org,))
+    run = reconcile_stripe(pool, make_client(shim_config), timedelta(days=1))
+    assert run["discrepancies"] == 1
+    found = db.execute("SELECT * FROM billing.discrepancies").fetchone()
+    assert (found["kind"], found["ref"], found["status"]) == ("phantom", "pi_NeverHappened", "open")
+    resolved = service.execute("SELECT api.resolve_discrepancy(%s, 'reversed by adjustment #1') AS d",
+                               (found["id"],)).fetchone()["d"]
+    assert resolved["status"] == "resolved"
+
+
+def test_duration_mismatch_and_unattributed_calls_are_reported(client, service, db, pool, fake_vapi, vapi_calls):
+    org = open_wallet(service, balance_minor=10_000)
+    (call,) = ended_calls(org, 1, seconds=60)
+    report = payloads.vapi_end_of_call_report(call, started_at=NOW - timedelta(hours=2),
+                                              ended_at=NOW - timedelta(hours=2) + timedelta(seconds=30))
+    post_vapi(client, report)  # the webhook said 30 s; Vapi's record says 60 s
+    stray = payloads.vapi_call(started_at=NOW - timedelta(hours=1), ended_at=NOW - timedelta(minutes=59),
+                               updated_at=NOW - timedelta(minutes=58), assistant_id="asst-unknown")
+    fake_vapi.control("calls", [call, stray])
+    run = reconcile_vapi(pool, vapi_calls, timedelta(days=1))
+    kinds = sorted(d["kind"] for d in db.execute("SELECT kind FROM billing.discrepancies").fetchall())
+    assert kinds == ["duration_mismatch", "unattributed"]
+    assert run["discrepancies"] == 1  # the mismatch is recorded by the charge itself, without a run id
+    assert wallet(db, org)["balance_minor"] == 10_000 - 35
+
+
+def test_window_of_2500_calls_is_paged_completely(service, db, pool, fake_vapi, vapi_calls):
+    org = open_wallet(service, balance_minor=1_000_000)
+    start = NOW - timedelta(hours=20)
+    calls = [payloads.vapi_call(org_id=str(org), started_at=start + timedelta(seconds=i * 10),
+                                ended_at=start + timedelta(seconds=i * 10 + 6),
+                                updated_at=start + timedelta(seconds=i * 10 + 7))
+             for i in range(2500)]
+    fake_vapi.control("calls", calls)
+    run = reconcile_vapi(pool, vapi_calls, timedelta(days=1))
+    assert run["recovered"] == 2500
+    assert ledger_count(db, org) == 2501
+    limits = {q.get("limit") for q in fake_vapi.stats()["queries"]}
+    assert limits == {"1000"}
+
+
+def test_429_answers_are_retried_and_the_run_completes(client, service, db, pool, fake_vapi, vapi_calls,
+                                                       fake_stripe, shim_config):
+    org = open_wallet(service, balance_minor=10_000)
+    fake_vapi.control("calls", ended_calls(org, 3))
+    fake_vapi.control("fail", {"count": 2, "status": 429})
+    assert reconcile_vapi(pool, vapi_calls, timedelta(days=1))["recovered"] == 3
+
+    pay(client, fake_stripe, org, 2000)
+    fake_stripe.control("fail", {"count": 2, "status": 429, "path_prefix": "/v1/events"})
+    run = reconcile_stripe(pool, make_client(shim_config, max_network_retries=0), timedelta(days=1))
+    assert run["status"] == "completed" and run["recovered"] == 1
+
+
+def test_interrupted_run_resumes_from_its_cursor(client, service, db, fake_stripe, shim_config, pool,
+                                                monkeypatch):
+    """A run that dies after its first page is resumed, over the same window, from the cursor
+    of the last event it applied; what it had applied stays applied exactly once."""
+    import shim.reconcile as reconcile
+
+    org = open_wallet(service)
+    for i in range(5):
+        pay(client, fake_stripe, org, 1000 + i)
+    monkeypatch.setattr(reconcile, "STRIPE_PAGE_SIZE", 2)
+    real_page, pages = reconcile._stripe_page, []
+
+    def dies_on_second_page(client, params):
+        pages.append(params)
+        if len(pages) == 2:
+            raise ConnectionError("worker killed")
+        return real_page(client, params)
+
+    monkeypatch.setattr(reconcile, "_stripe_page", dies_on_second_page)
+    window_end = datetime.now(UTC)
+    with pytest.raises(ConnectionError):
+        reconcile_stripe(pool, make_client(shim_config), timedelta(days=1), now=window_end)
+    failed = db.execute("SELECT * FROM billing.reconciliation_runs").fetchone()
+    assert failed["status"] == "failed" and failed["seen"] == 2 and failed["resume_cursor"] is not None
+
+    resumed = reconcile_stripe(pool, make_client(shim_config), timedelta(days=1), now=window_end)
+    assert resumed["id"] == failed["id"] and resumed["status"] == "completed"
+    assert pages[2]["created"]["lte"] == int(failed["resume_cursor"].timestamp())
+    assert ledger_count(db, org) == 5
+    assert wallet(db, org)["balance_minor"] == sum(1000 + i for i in range(5))
