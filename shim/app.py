@@ -4,6 +4,7 @@ from flask import Flask
 from prometheus_client import CollectorRegistry
 
 from shim import http_errors, metrics, ops, topups, webhooks
+from shim.health import BillingHealthCollector
 from shim.config import Config
 from shim.pool import open_pool
 
@@ -22,6 +23,7 @@ def create_app(config: Config | None = None, pool=None) -> Flask:
         pool.open(wait=False)
     app.extensions["creditledger.pool"] = pool
     registry = CollectorRegistry()
+    registry.register(BillingHealthCollector(pool))
     app.extensions["creditledger.registry"] = registry
 
     http_errors.register(app)

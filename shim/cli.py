@@ -69,6 +69,22 @@ def cmd_reconcile(args) -> int:
     return 0 if run.get("status") == "completed" else 1
 
 
+def cmd_health(args) -> int:
+    """Print the billing health report; exit 1 when any alert fires, 2 when the database is down."""
+    from shim.config import Config
+    from shim.health import report
+    from shim.pool import open_pool
+
+    try:
+        with open_pool(Config().database_url) as pool:
+            text, firing = report(pool)
+    except Exception as exc:
+        print(f"billing database unreachable: {exc}", file=sys.stderr)
+        return 2
+    print(text)
+    return 1 if firing else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Subcommands, one per job the Makefile names."""
     parser = argparse.ArgumentParser(prog="creditledger", description=__doc__)
@@ -87,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     reconcile.add_argument("provider", choices=["stripe", "vapi"])
     reconcile.add_argument("--since", default=None, help="how far back: 7d, 24h, 90m (default: 7d / 24h)")
     reconcile.set_defaults(func=cmd_reconcile)
+    sub.add_parser("health", help=cmd_health.__doc__).set_defaults(func=cmd_health)
     return parser
 
 

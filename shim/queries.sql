@@ -40,3 +40,11 @@ SELECT count(*) AS applied FROM public._yoyo_migration WHERE migration_id = ANY(
 -- name: reconciliation_due
 -- Whether a provider's scheduled reconciliation is due, and its lookback.
 SELECT api.reconciliation_due(%(provider)s::text) AS due
+
+-- name: health_metrics
+-- Every billing health number (api.health_metrics), one row each.
+SELECT metric, provider, value FROM api.health_metrics()
+
+-- name: health_alerts
+-- The alerts evaluated on the current numbers.
+SELECT alert, provider, value, threshold, firing FROM api.health_alerts()

@@ -161,11 +161,17 @@ def test_every_function_in_the_source_sets_search_path(path):
     assert unpinned_functions(path.read_text()) == []
 
 
-def test_source_lint_counts_every_function_it_checks():
-    """The source lint sees as many CREATE FUNCTION statements as the catalog has functions
-    (a parser that found none would pass vacuously)."""
-    total = sum(len(_CREATE_FUNCTION.findall(_strip_line_comments(p.read_text()))) for p in sql_files())
-    assert total >= 60
+def test_source_lint_sees_every_function_of_the_catalog(db):
+    """The source lint finds at least as many CREATE FUNCTION statements as api and billing
+    hold functions (a parser that found none would pass vacuously)."""
+    in_source = sum(
+        len(_CREATE_FUNCTION.findall(_strip_line_comments(p.read_text()))) for p in sql_files()
+    )
+    in_catalog = db.execute(
+        "SELECT count(*) AS n FROM pg_proc AS p JOIN pg_namespace AS n ON n.oid = p.pronamespace"
+        " WHERE n.nspname IN ('api', 'billing')"
+    ).fetchone()["n"]
+    assert in_source >= in_catalog > 40
 
 
 @pytest.mark.parametrize(

@@ -27,3 +27,112 @@ AS $$
    WHERE x.balance_after_minor <> x.expected
 $$;
 GRANT EXECUTE ON FUNCTION api.ledger_invariant_violations() TO service_role;
+
+-- Wallets whose balance differs from the balance their newest entry left behind, or whose held
+-- amount differs from their open holds. One index probe per wallet: cheap enough to scrape.
+CREATE OR REPLACE FUNCTION billing._cheap_invariant_violations()
+  RETURNS bigint
+  LANGUAGE sql STABLE SECURITY INVOKER SET search_path = ''
+AS $$
+  SELECT count(*) FROM billing.wallets AS w
+   WHERE w.balance_minor <> coalesce((SELECT le.balance_after_minor FROM billing.ledger_entries AS le
+                                       WHERE le.org_id = w.org_id ORDER BY le.id DESC LIMIT 1), 0)
+      OR w.held_minor <> coalesce((SELECT sum(h.amount_minor) FROM billing.holds AS h
+                                    WHERE h.org_id = w.org_id AND h.status = 'open'), 0)
+$$;
+
+-- Every billing health number, one row each, labelled by provider where it applies.
+CREATE OR REPLACE FUNCTION api.health_metrics()
+  RETURNS TABLE (metric text, provider text, value double precision)
+  LANGUAGE sql STABLE SECURITY DEFINER SET search_path = ''
+AS $$
+  WITH providers(provider) AS (VALUES ('stripe'), ('vapi'), ('twilio')),
+  windows(name, span) AS (VALUES ('1h', interval '1 hour'), ('24h', interval '24 hours')),
+  events AS (
+    SELECT p.provider, wn.name AS win,
+           count(e.id) AS received,
+           count(e.id) FILTER (WHERE e.status IN ('processed', 'ignored')) AS applied,
+           count(e.id) FILTER (WHERE e.status = 'failed') AS failed,
+           count(e.id) FILTER (WHERE e.status = 'dead') AS dead,
+           count(e.id) FILTER (WHERE e.status = 'unattributed') AS unattributed
+      FROM providers AS p CROSS JOIN windows AS wn
+      LEFT JOIN billing.webhook_events AS e
+        ON e.provider = p.provider AND e.received_at > now() - wn.span
+     GROUP BY p.provider, wn.name),
+  -- Every event still needing attention, whatever its age (indexes: retry_idx, alert_idx).
+  backlog AS (
+    SELECT p.provider,
+           count(e.id) FILTER (WHERE e.status = 'failed') AS n,
+           coalesce(EXTRACT(EPOCH FROM now() - min(e.received_at) FILTER (WHERE e.status = 'failed')), 0) AS oldest,
+           count(e.id) FILTER (WHERE e.status = 'dead') AS dead_letters,
+           count(e.id) FILTER (WHERE e.status = 'unattributed') AS unattributed
+      FROM providers AS p
+      LEFT JOIN billing.webhook_events AS e
+        ON e.provider = p.provider AND e.status IN ('failed', 'dead', 'unattributed')
+     GROUP BY p.provider),
+  reconciled AS (
+    SELECT p.provider,
+           EXTRACT(EPOCH FROM now() - max(r.finished_at)) AS age,
+           (SELECT min(le.created_at) FROM billing.ledger_entries AS le) AS ledger_since
+      FROM (VALUES ('stripe'), ('vapi')) AS p(provider)
+      LEFT JOIN billing.reconciliation_runs AS r ON r.provider = p.provider AND r.status = 'completed'
+     GROUP BY p.provider)
+  SELECT 'webhook_events_received_' || win, provider, received::double precision FROM events
+  UNION ALL SELECT 'webhook_events_applied_' || win, provider, applied FROM events
+  UNION ALL SELECT 'webhook_events_failed_' || win, provider, failed FROM events
+  UNION ALL SELECT 'webhook_events_dead_' || win, provider, dead FROM events
+  UNION ALL SELECT 'webhook_success_ratio_' || win, provider,
+                   CASE WHEN received = 0 THEN 1 ELSE applied::double precision / received END FROM events
+  UNION ALL SELECT 'webhook_backlog', provider, n FROM backlog
+  UNION ALL SELECT 'webhook_backlog_oldest_seconds', provider, oldest FROM backlog
+  UNION ALL SELECT 'webhook_dead_letters', provider, dead_letters FROM backlog
+  UNION ALL SELECT 'webhook_unattributed', provider, unattributed FROM backlog
+  -- Seconds since the last completed reconciliation; -1 when none ran and none is owed yet.
+  UNION ALL SELECT 'reconciliation_age_seconds', provider,
+                   coalesce(age, CASE WHEN ledger_since < now() - interval '26 hours'
+                                      THEN EXTRACT(EPOCH FROM now() - ledger_since) ELSE -1 END)
+              FROM reconciled
+  UNION ALL SELECT 'open_discrepancies', p.provider, count(d.id) FROM providers AS p
+              LEFT JOIN billing.discrepancies AS d ON d.provider = p.provider AND d.status = 'open'
+             GROUP BY p.provider
+  UNION ALL SELECT 'recharge_failures_24h', 'stripe', count(*) FROM billing.recharge_claims AS c
+             WHERE c.status = 'failed' AND c.settled_at > now() - interval '24 hours'
+  UNION ALL SELECT 'recharge_pending', 'stripe', count(*) FROM billing.recharge_claims AS c
+             WHERE c.status = 'pending'
+  UNION ALL SELECT 'auto_recharge_disabled', NULL, count(*) FROM billing.wallets AS w
+             WHERE w.auto_recharge_disabled_reason IS NOT NULL AND NOT w.auto_recharge_enabled
+  UNION ALL SELECT 'wallets_suspended', NULL, count(*) FROM billing.wallets AS w WHERE w.status = 'suspended'
+  UNION ALL SELECT 'wallets_below_low_balance', NULL, count(*) FROM billing.wallets AS w WHERE w.below_low_balance
+  UNION ALL SELECT 'holds_open', NULL, count(*) FROM billing.holds AS h WHERE h.status = 'open'
+  UNION ALL SELECT 'notifications_undelivered', NULL, count(*) FROM billing.notifications AS n
+             WHERE n.delivered_at IS NULL
+  UNION ALL SELECT 'ledger_invariant_violations', NULL, billing._cheap_invariant_violations()
+$$;
+GRANT EXECUTE ON FUNCTION api.health_metrics() TO service_role;
+
+-- The same numbers, as operators read them.
+CREATE OR REPLACE VIEW billing.health AS SELECT * FROM api.health_metrics();
+
+-- The alerts of docs/monitoring.md, evaluated on the current numbers (the Prometheus rules in
+-- ops/prometheus/alerts.yml say the same over time).
+CREATE OR REPLACE FUNCTION api.health_alerts()
+  RETURNS TABLE (alert text, provider text, value double precision, threshold double precision, firing boolean)
+  LANGUAGE sql STABLE SECURITY DEFINER SET search_path = ''
+AS $$
+  WITH m AS (SELECT * FROM api.health_metrics()),
+  rules(alert, metric, threshold, fires_above) AS (VALUES
+    ('WebhookSuccessRateLow', 'webhook_success_ratio_1h', 0.95, false),
+    ('WebhookBacklogStale', 'webhook_backlog_oldest_seconds', 300, true),
+    ('WebhookDeadLetters', 'webhook_dead_letters', 0, true),
+    ('WebhookUnattributed', 'webhook_unattributed', 0, true),
+    ('LedgerInvariantViolated', 'ledger_invariant_violations', 0, true),
+    ('ReconciliationStale', 'reconciliation_age_seconds', 26 * 3600, true),
+    ('DiscrepanciesOpen', 'open_discrepancies', 0, true),
+    ('RechargeFailures', 'recharge_failures_24h', 0, true),
+    ('AutoRechargeDisabled', 'auto_recharge_disabled', 0, true))
+  SELECT r.alert, m.provider, m.value, r.threshold::double precision,
+         CASE WHEN r.fires_above THEN m.value > r.threshold ELSE m.value < r.threshold END
+    FROM rules AS r JOIN m ON m.metric = r.metric
+   ORDER BY 1, 2
+$$;
+GRANT EXECUTE ON FUNCTION api.health_alerts() TO service_role;

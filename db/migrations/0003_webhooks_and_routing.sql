@@ -20,7 +20,8 @@ CREATE TABLE billing.webhook_events (
 );
 CREATE INDEX webhook_events_retry_idx ON billing.webhook_events (next_attempt_at) WHERE status = 'failed';
 CREATE INDEX webhook_events_received_idx ON billing.webhook_events (received_at);
-CREATE INDEX webhook_events_alert_idx ON billing.webhook_events (status) WHERE status IN ('dead', 'unattributed');
+CREATE INDEX webhook_events_attention_idx ON billing.webhook_events (provider, status, received_at)
+  WHERE status IN ('failed', 'dead', 'unattributed');
 
 CREATE TABLE billing.vapi_routes (
   kind       text NOT NULL CHECK (kind IN ('assistant', 'phone_number')),
