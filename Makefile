@@ -38,3 +38,6 @@ serve: $(STAMP)
 
 worker: $(STAMP)
 	$(CLI) worker
+
+demo: $(STAMP)
+	$(CLI) demo

@@ -85,6 +85,15 @@ def cmd_health(args) -> int:
     return 1 if firing else 0
 
 
+def cmd_demo(args) -> int:
+    """A scripted day of billing on the real stack (embedded PostgreSQL unless DATABASE_URL)."""
+    from pathlib import Path
+
+    from shim.demo.run import run
+
+    return run(Path(args.out))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Subcommands, one per job the Makefile names."""
     parser = argparse.ArgumentParser(prog="creditledger", description=__doc__)
@@ -104,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     reconcile.add_argument("--since", default=None, help="how far back: 7d, 24h, 90m (default: 7d / 24h)")
     reconcile.set_defaults(func=cmd_reconcile)
     sub.add_parser("health", help=cmd_health.__doc__).set_defaults(func=cmd_health)
+    demo = sub.add_parser("demo", help=cmd_demo.__doc__)
+    demo.add_argument("--out", default="demo-output", help="where the report and chart are written")
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -51,16 +51,21 @@ class BillingHealthCollector(Collector):
         yield firing
 
 
-def report(pool) -> tuple[str, bool]:
-    """A readable report and whether any alert fires."""
+def report(pool, compact: bool = False) -> tuple[str, bool]:
+    """A readable report and whether any alert fires; compact leaves out zero metrics and
+    alerts that do not fire."""
     metrics, alerts = read(pool)
     lines = ["billing health", "=============="]
     for row in metrics:
+        if compact and not row["value"]:
+            continue
         label = f"{row['metric']}{'{' + row['provider'] + '}' if row['provider'] else ''}"
         lines.append(f"  {label:<48} {row['value']:>14.3f}".rstrip("0").rstrip("."))
     lines += ["", "alerts", "======"]
     firing = [a for a in alerts if a["firing"]]
     for row in alerts:
+        if compact and not row["firing"]:
+            continue
         state = "FIRING" if row["firing"] else "ok"
         where = f"{{{row['provider']}}}" if row["provider"] else ""
         lines.append(f"  {state:<7} {row['alert']}{where}: value {row['value']:g}, threshold {row['threshold']:g}")

@@ -26,8 +26,7 @@ CREDIT = "SELECT * FROM api.add_wallet_credits(%s, %s::bigint, %s)"
 def expire_now(db, ref, purpose="call"):
     """Move a hold's expiry into the past, as only the superuser can."""
     db.execute(
-        "UPDATE billing.holds SET expires_at = now() - interval '1 second'"
-        " WHERE purpose = %s AND ref = %s",
+        "UPDATE billing.holds SET expires_at = now() - interval '1 second' WHERE purpose = %s AND ref = %s",
         (purpose, ref),
     )
 
@@ -39,8 +38,7 @@ def test_authorisation_holds_the_expected_cost(service, db):
     """A hold of max_minutes at the org's rate; balance untouched, available reduced."""
     org = open_wallet(service, balance_minor=1000, rate_per_minute_minor=90)
     r = one(service, AUTHORIZE, (org, "call-1", 3))
-    assert (r["status"], r["amount_minor"], r["balance_minor"], r["reason"]) == (
-        "applied", 270, 1000, None)
+    assert (r["status"], r["amount_minor"], r["balance_minor"], r["reason"]) == ("applied", 270, 1000, None)
     w = wallet(db, org)
     assert (w["balance_minor"], w["held_minor"]) == (1000, 270)
     assert hold_row(db, "call-1")["status"] == "open"
@@ -93,7 +91,11 @@ def test_authorisation_beyond_available_funds_is_rejected(service, db):
     before = snapshot_without_holds(db)
     r = one(service, AUTHORIZE, (org, "call-1", 2))  # 140 > 100
     assert (r["status"], r["reason"], r["amount_minor"], r["balance_minor"]) == (
-        "rejected", "insufficient_funds", 140, 100)
+        "rejected",
+        "insufficient_funds",
+        140,
+        100,
+    )
     assert snapshot_without_holds(db) == before
     h = hold_row(db, "call-1")
     assert (h["status"], h["reason"]) == ("rejected", "insufficient_funds")
@@ -132,8 +134,7 @@ def test_authorising_an_already_charged_call_places_no_hold(service, db):
     charge = one(service, CHARGE, (org, "call-1", 60))
     before = snapshot(db)
     r = one(service, AUTHORIZE, (org, "call-1", 5))
-    assert (r["status"], r["reason"], r["entry_id"]) == (
-        "duplicate", "already_charged", charge["entry_id"])
+    assert (r["status"], r["reason"], r["entry_id"]) == ("duplicate", "already_charged", charge["entry_id"])
     assert snapshot(db) == before
 
 
@@ -199,19 +200,22 @@ def test_authorisation_refuses_invalid_input(service, db, org, call_id, max_minu
         (45, 1, 0, 0),  # free calls are still recorded
     ],
 )
-def test_call_is_priced_by_rounded_duration_and_rate(
-    service, db, duration, increment, rate, cost
-):
+def test_call_is_priced_by_rounded_duration_and_rate(service, db, duration, increment, rate, cost):
     """Duration rounded up to the billing increment, then ceil(seconds x rate / 60)."""
     org = open_wallet(
-        service, balance_minor=10**13, rate_per_minute_minor=rate,
+        service,
+        balance_minor=10**13,
+        rate_per_minute_minor=rate,
         billing_increment_seconds=increment,
     )
     r = one(service, CHARGE, (org, "call-1", duration))
     assert (r["status"], r["amount_minor"], r["balance_minor"]) == ("applied", -cost, 10**13 - cost)
     entry = one(db, "SELECT * FROM billing.ledger_entries WHERE id = %s", (r["entry_id"],))
     assert (entry["kind"], entry["provider_ref"], entry["source"]) == (
-        "call_charge", "vapi:call:call-1", "vapi")
+        "call_charge",
+        "vapi:call:call-1",
+        "vapi",
+    )
     assert entry["details"]["duration_seconds"] == duration
 
 
@@ -220,8 +224,7 @@ def test_charge_captures_the_hold_and_records_the_true_cost(service, db):
     org = open_wallet(service, balance_minor=1000)
     one(service, AUTHORIZE, (org, "call-1", 5))  # holds 350
     r = one(service, CHARGE, (org, "call-1", 125))  # ceil(125 * 70 / 60) = 146
-    assert (r["status"], r["amount_minor"], r["balance_minor"], r["reason"]) == (
-        "applied", -146, 854, None)
+    assert (r["status"], r["amount_minor"], r["balance_minor"], r["reason"]) == ("applied", -146, 854, None)
     w = wallet(db, org)
     assert (w["balance_minor"], w["held_minor"]) == (854, 0)
     assert hold_row(db, "call-1")["status"] == "captured"
@@ -264,7 +267,11 @@ def test_same_charge_twice_is_duplicate_with_the_original_entry(service, db):
         (org,),
     )
     assert (again["status"], again["entry_id"], again["amount_minor"], again["balance_minor"]) == (
-        "duplicate", first["entry_id"], -72, 928)
+        "duplicate",
+        first["entry_id"],
+        -72,
+        928,
+    )
     assert snapshot(db) == before
 
 
@@ -277,9 +284,7 @@ def test_same_call_with_another_duration_is_conflict_kept_as_discrepancy(service
     r = one(service, CHARGE, (org, "call-1", 95))
     assert (r["status"], r["reason"], r["balance_minor"]) == ("conflict", "different_request", 928)
     assert snapshot(db) == before
-    rows = db.execute(
-        "SELECT * FROM billing.discrepancies WHERE kind = 'duration_mismatch'"
-    ).fetchall()
+    rows = db.execute("SELECT * FROM billing.discrepancies WHERE kind = 'duration_mismatch'").fetchall()
     assert len(rows) == 1
     d = rows[0]
     assert (d["provider"], d["ref"], d["org_id"], d["status"]) == ("vapi", "call-1", org, "open")
@@ -295,7 +300,11 @@ def test_same_call_charged_in_another_org_is_conflict(service, db):
     before = snapshot(db)
     r = one(service, CHARGE, (org_b, "call-1", 61))
     assert (r["status"], r["reason"], r["entry_id"], r["balance_minor"]) == (
-        "conflict", "other_org", None, 1000)
+        "conflict",
+        "other_org",
+        None,
+        1000,
+    )
     assert snapshot(db) == before
     assert db.execute("SELECT count(*) AS n FROM billing.discrepancies").fetchone()["n"] == 0
 
@@ -315,8 +324,7 @@ def test_charge_is_recorded_whatever_the_balance(service, db):
     """A finished call is owed even on an empty wallet: the charge is applied."""
     org = open_wallet(service, debt_limit_minor=1000)
     r = one(service, CHARGE, (org, "call-1", 120))
-    assert (r["status"], r["amount_minor"], r["balance_minor"], r["reason"]) == (
-        "applied", -140, -140, None)
+    assert (r["status"], r["amount_minor"], r["balance_minor"], r["reason"]) == ("applied", -140, -140, None)
     assert wallet(db, org)["status"] == "active"
 
 
@@ -334,12 +342,15 @@ def test_charge_past_the_debt_limit_suspends_the_wallet(service, db):
     org = open_wallet(service, balance_minor=50, debt_limit_minor=100)
     r = one(service, CHARGE, (org, "call-1", 180))  # 210
     assert (r["status"], r["amount_minor"], r["balance_minor"], r["reason"]) == (
-        "applied", -210, -160, "debt_limit_exceeded")
+        "applied",
+        -210,
+        -160,
+        "debt_limit_exceeded",
+    )
     assert wallet(db, org)["status"] == "suspended"
     assert len(notifications(db, org, "wallet_suspended")) == 1
     r2 = one(service, CHARGE, (org, "call-2", 60))  # deeper: still applied, still suspended
-    assert (r2["status"], r2["balance_minor"], r2["reason"]) == (
-        "applied", -230, "debt_limit_exceeded")
+    assert (r2["status"], r2["balance_minor"], r2["reason"]) == ("applied", -230, "debt_limit_exceeded")
     assert len(notifications(db, org, "wallet_suspended")) == 1
 
 
@@ -353,7 +364,10 @@ def test_duplicate_of_a_charge_past_the_limit_returns_the_original_reason(servic
     before = snapshot(db)
     again = one(service, CHARGE, (org, "call-1", 180))
     assert (again["status"], again["entry_id"], again["reason"]) == (
-        "duplicate", first["entry_id"], "debt_limit_exceeded")
+        "duplicate",
+        first["entry_id"],
+        "debt_limit_exceeded",
+    )
     assert snapshot(db) == before
 
 
@@ -429,8 +443,7 @@ def test_release_frees_the_hold_of_a_call_that_never_connected(service, db):
     org = open_wallet(service, balance_minor=1000)
     one(service, AUTHORIZE, (org, "call-1", 3))
     r = one(service, RELEASE, (org, "call-1"))
-    assert (r["status"], r["amount_minor"], r["balance_minor"], r["entry_id"]) == (
-        "applied", 210, 1000, None)
+    assert (r["status"], r["amount_minor"], r["balance_minor"], r["entry_id"]) == ("applied", 210, 1000, None)
     assert wallet(db, org)["held_minor"] == 0
     assert hold_row(db, "call-1")["status"] == "released"
     assert ledger_count(db, org) == 1

@@ -58,7 +58,9 @@ def offenders(db, sql, params=()):
 
 def test_pinned_search_path_is_stored_as_expected(db):
     """The exact proconfig entry PostgreSQL stores for SET search_path = ''."""
-    db.execute("CREATE FUNCTION public.lint_probe() RETURNS int LANGUAGE sql SET search_path = '' AS 'SELECT 1'")
+    db.execute(
+        "CREATE FUNCTION public.lint_probe() RETURNS int LANGUAGE sql SET search_path = '' AS 'SELECT 1'"
+    )
     stored = db.execute("SELECT proconfig FROM pg_proc WHERE proname = 'lint_probe'").fetchone()
     assert stored["proconfig"] == [PINNED]
 
@@ -92,10 +94,7 @@ def test_security_definer_only_in_api(db):
 def test_catalog_lints_catch_their_mistakes(db):
     """A planted unpinned, PUBLIC-executable, DEFINER billing function and a stray grant to
     authenticated are each reported."""
-    db.execute(
-        "CREATE FUNCTION billing.lint_bad() RETURNS int LANGUAGE sql SECURITY DEFINER"
-        " AS 'SELECT 1'"
-    )
+    db.execute("CREATE FUNCTION billing.lint_bad() RETURNS int LANGUAGE sql SECURITY DEFINER AS 'SELECT 1'")
     db.execute("CREATE FUNCTION api.lint_bad() RETURNS int LANGUAGE sql AS 'SELECT 1'")
     db.execute("GRANT EXECUTE ON FUNCTION api.lint_bad() TO PUBLIC")
     db.execute("CREATE FUNCTION api.lint_anon() RETURNS int LANGUAGE sql SET search_path = '' AS 'SELECT 1'")
@@ -103,12 +102,13 @@ def test_catalog_lints_catch_their_mistakes(db):
     db.execute("GRANT EXECUTE ON FUNCTION api.lint_anon() TO anon, authenticated")
 
     assert {fn for fn, _ in offenders(db, UNPINNED_SQL, (PINNED,))} == {
-        "billing.lint_bad()", "api.lint_bad()"}
+        "billing.lint_bad()",
+        "api.lint_bad()",
+    }
     public_or_anon = offenders(db, PUBLIC_OR_ANON_SQL)
     assert ("api.lint_bad()", "-") in public_or_anon  # grantee 0 (PUBLIC) shows as '-'
     assert ("api.lint_anon()", "anon") in public_or_anon
-    assert {fn for fn, _ in offenders(db, AUTHENTICATED_SQL)} - CLIENT_FUNCTIONS == {
-        "lint_bad", "lint_anon"}
+    assert {fn for fn, _ in offenders(db, AUTHENTICATED_SQL)} - CLIENT_FUNCTIONS == {"lint_bad", "lint_anon"}
     assert offenders(db, DEFINER_OUTSIDE_API_SQL) == [("billing.lint_bad()", "billing")]
 
 
@@ -133,19 +133,19 @@ def unpinned_functions(sql: str) -> list[str]:
     for match in _CREATE_FUNCTION.finditer(sql):
         body = _BODY_START.search(sql, match.end())
         if body is None:
-            found.append(sql[match.start():match.start() + 80].strip())
+            found.append(sql[match.start() : match.start() + 80].strip())
             continue
         tag = body.group(1)
         body_end = sql.find(tag, body.end())
         if body_end == -1:
-            found.append(sql[match.start():match.start() + 80].strip())
+            found.append(sql[match.start() : match.start() + 80].strip())
             continue
-        after = sql[body_end + len(tag):]
+        after = sql[body_end + len(tag) :]
         statement_end = after.find(";")
-        clauses = sql[match.end():body.start()] + after[: statement_end if statement_end >= 0 else None]
+        clauses = sql[match.end() : body.start()] + after[: statement_end if statement_end >= 0 else None]
         if not _SEARCH_PATH.search(clauses):
-            name = re.match(r"\s*([\w.\"]+)", sql[match.end():])
-            found.append(name.group(1) if name else sql[match.start():match.start() + 80])
+            name = re.match(r"\s*([\w.\"]+)", sql[match.end() :])
+            found.append(name.group(1) if name else sql[match.start() : match.start() + 80])
     return found
 
 
@@ -164,9 +164,7 @@ def test_every_function_in_the_source_sets_search_path(path):
 def test_source_lint_sees_every_function_of_the_catalog(db):
     """The source lint finds at least as many CREATE FUNCTION statements as api and billing
     hold functions (a parser that found none would pass vacuously)."""
-    in_source = sum(
-        len(_CREATE_FUNCTION.findall(_strip_line_comments(p.read_text()))) for p in sql_files()
-    )
+    in_source = sum(len(_CREATE_FUNCTION.findall(_strip_line_comments(p.read_text()))) for p in sql_files())
     in_catalog = db.execute(
         "SELECT count(*) AS n FROM pg_proc AS p JOIN pg_namespace AS n ON n.oid = p.pronamespace"
         " WHERE n.nspname IN ('api', 'billing')"

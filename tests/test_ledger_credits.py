@@ -16,9 +16,7 @@ from tests.db_helpers import (
 )
 
 CREDIT = "SELECT * FROM api.add_wallet_credits(%s, %s::bigint, %s)"
-CREDIT_REF = (
-    "SELECT * FROM api.add_wallet_credits(%s, %s::bigint, %s, 'top_up', 'stripe', %s)"
-)
+CREDIT_REF = "SELECT * FROM api.add_wallet_credits(%s, %s::bigint, %s, 'top_up', 'stripe', %s)"
 CHARGE = "SELECT * FROM api.deduct_call_credits(%s, %s, %s)"
 MAX_MINOR = 10**15
 
@@ -85,8 +83,7 @@ def test_credit_is_applied_once_with_its_entry(service, db):
     """A credit posts one entry, moves the balance and answers applied with the new balance."""
     org = open_wallet(service)
     r = one(service, CREDIT, (org, 2500, "top-up-1"))
-    assert (r["status"], r["amount_minor"], r["balance_minor"], r["reason"]) == (
-        "applied", 2500, 2500, None)
+    assert (r["status"], r["amount_minor"], r["balance_minor"], r["reason"]) == ("applied", 2500, 2500, None)
     entry = one(db, "SELECT * FROM billing.ledger_entries WHERE id = %s", (r["entry_id"],))
     assert (entry["org_id"], entry["amount_minor"], entry["balance_after_minor"]) == (org, 2500, 2500)
     assert (entry["kind"], entry["source"], entry["currency"]) == ("top_up", "manual", "usd")
@@ -100,8 +97,7 @@ def test_same_credit_twice_is_duplicate_with_the_original_entry(service, db):
     before = snapshot(db)
     again = one(service, CREDIT, (org, 700, "top-up-1"))
     assert again["status"] == "duplicate"
-    assert (again["entry_id"], again["amount_minor"], again["balance_minor"]) == (
-        first["entry_id"], 700, 700)
+    assert (again["entry_id"], again["amount_minor"], again["balance_minor"]) == (first["entry_id"], 700, 700)
     assert snapshot(db) == before
 
 
@@ -133,7 +129,12 @@ def test_same_provider_reference_in_another_org_is_conflict(service, db):
     before = snapshot(db)
     r = one(service, CREDIT_REF, (org_b, 700, "key-1", "stripe:payment_intent:pi_1"))
     assert (r["status"], r["reason"], r["entry_id"], r["amount_minor"], r["balance_minor"]) == (
-        "conflict", "other_org", None, None, 0)
+        "conflict",
+        "other_org",
+        None,
+        None,
+        0,
+    )
     assert snapshot(db) == before
 
 
@@ -207,8 +208,13 @@ def test_credit_refuses_invalid_input(service, db, args, field):
     22023 with the field in the error's COLUMN, and change nothing."""
     org = open_wallet(service, balance_minor=100)
     params = {
-        "org_id": org, "amount_minor": 100, "idempotency_key": "k", "kind": "top_up",
-        "source": "manual", "source_ref": None, "details": "{}",
+        "org_id": org,
+        "amount_minor": 100,
+        "idempotency_key": "k",
+        "kind": "top_up",
+        "source": "manual",
+        "source_ref": None,
+        "details": "{}",
     } | args
     before = snapshot(db)
     exc = refusal(
@@ -299,18 +305,14 @@ def test_low_balance_threshold_must_be_a_positive_amount(service, db, threshold)
     """A threshold that is not a positive amount raises 22023 on threshold_minor."""
     org = open_wallet(service)
     before = snapshot(db)
-    exc = refusal(
-        service, "SELECT * FROM api.set_low_balance_threshold(%s, %s::bigint)", (org, threshold)
-    )
+    exc = refusal(service, "SELECT * FROM api.set_low_balance_threshold(%s, %s::bigint)", (org, threshold))
     assert (exc.sqlstate, exc.diag.column_name) == ("22023", "threshold_minor")
     assert snapshot(db) == before
 
 
 def test_low_balance_threshold_of_an_unknown_org_is_invalid(service, db):
     """Setting a threshold for an org without a wallet raises 22023 on org_id."""
-    exc = refusal(
-        service, "SELECT * FROM api.set_low_balance_threshold(%s, 100::bigint)", (uuid.uuid4(),)
-    )
+    exc = refusal(service, "SELECT * FROM api.set_low_balance_threshold(%s, 100::bigint)", (uuid.uuid4(),))
     assert (exc.sqlstate, exc.diag.column_name) == ("22023", "org_id")
 
 

@@ -20,11 +20,11 @@ SORTED_ACL = "(SELECT array_agg(a::text ORDER BY a::text) FROM unnest({}) AS a)"
 
 CATALOG_QUERIES = {
     "schemas": f"""
-        SELECT n.nspname, n.nspowner::regrole::text AS owner, {SORTED_ACL.format('n.nspacl')} AS acl
+        SELECT n.nspname, n.nspowner::regrole::text AS owner, {SORTED_ACL.format("n.nspacl")} AS acl
           FROM pg_namespace AS n WHERE {USER_SCHEMAS}""",
     "relations": f"""
         SELECT n.nspname, c.relname, c.relkind, c.relrowsecurity, c.relforcerowsecurity,
-               c.relowner::regrole::text AS owner, {SORTED_ACL.format('c.relacl')} AS acl,
+               c.relowner::regrole::text AS owner, {SORTED_ACL.format("c.relacl")} AS acl,
                c.reloptions
           FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
          WHERE {USER_SCHEMAS}""",
@@ -32,7 +32,7 @@ CATALOG_QUERIES = {
         SELECT n.nspname, c.relname, a.attnum, a.attname,
                format_type(a.atttypid, a.atttypmod) AS type, a.attnotnull, a.attidentity,
                a.attgenerated, pg_get_expr(d.adbin, d.adrelid) AS default,
-               {SORTED_ACL.format('a.attacl')} AS acl
+               {SORTED_ACL.format("a.attacl")} AS acl
           FROM pg_attribute AS a
           JOIN pg_class AS c ON c.oid = a.attrelid
           JOIN pg_namespace AS n ON n.oid = c.relnamespace
@@ -61,12 +61,12 @@ CATALOG_QUERIES = {
         SELECT n.nspname, p.proname, pg_get_function_identity_arguments(p.oid) AS args,
                pg_get_function_result(p.oid) AS result, md5(p.prosrc) AS body_md5, p.prolang,
                p.prokind, p.prosecdef, p.provolatile, p.proconfig,
-               p.proowner::regrole::text AS owner, {SORTED_ACL.format('p.proacl')} AS acl
+               p.proowner::regrole::text AS owner, {SORTED_ACL.format("p.proacl")} AS acl
           FROM pg_proc AS p JOIN pg_namespace AS n ON n.oid = p.pronamespace
          WHERE {USER_SCHEMAS}""",
     "types": f"""
         SELECT n.nspname, t.typname, t.typtype, t.typrelid <> 0 AS composite,
-               {SORTED_ACL.format('t.typacl')} AS acl
+               {SORTED_ACL.format("t.typacl")} AS acl
           FROM pg_type AS t JOIN pg_namespace AS n ON n.oid = t.typnamespace
          WHERE {USER_SCHEMAS}""",
     "default_privileges": """
@@ -137,8 +137,13 @@ def test_migrate_command_twice_is_a_no_op(db_url, db):
     env = os.environ | {"DATABASE_URL": db_url}
     for _ in range(2):
         run = subprocess.run(
-            [sys.executable, "-m", "shim.cli", "migrate"], cwd=PROJECT_ROOT, env=env,
-            capture_output=True, text=True, timeout=120, check=False,
+            [sys.executable, "-m", "shim.cli", "migrate"],
+            cwd=PROJECT_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
         )
         assert run.returncode == 0, run.stderr
         assert json.loads(run.stdout.strip().splitlines()[-1])["migrations_applied"] == 0

@@ -218,8 +218,9 @@ def test_service_role_may_execute_every_service_function(db):
         f["signature"]
         for f in api_functions(db)
         if f["proname"] not in CLIENT_FUNCTIONS
-        and not one(db, "SELECT has_function_privilege('service_role', %s, 'EXECUTE') AS ok",
-                    (f["oid"],))["ok"]
+        and not one(db, "SELECT has_function_privilege('service_role', %s, 'EXECUTE') AS ok", (f["oid"],))[
+            "ok"
+        ]
     ]
     assert refused == []
 
@@ -238,9 +239,8 @@ def test_service_role_moves_money_through_functions_only(db, orgs):
     with as_user(db, None, role="service_role", commit=True):
         r = one(db, "SELECT * FROM api.add_wallet_credits(%s, 100::bigint, 'svc')", (org_a,))
     assert r["status"] == "applied"
-    with pytest.raises(psycopg.errors.InsufficientPrivilege):
-        with as_user(db, None, role="service_role"):
-            db.execute("SELECT * FROM billing.wallets")
+    with pytest.raises(psycopg.errors.InsufficientPrivilege), as_user(db, None, role="service_role"):
+        db.execute("SELECT * FROM billing.wallets")
 
 
 # ---------------------------------------------------------------------------- client functions
@@ -254,9 +254,16 @@ def test_wallet_summary_is_the_callers_wallet(db, orgs):
         s = one(db, "SELECT * FROM api.wallet_summary()")
     assert s["org_id"] == org_a
     assert (s["balance_minor"], s["held_minor"], s["available_minor"]) == (
-        w["balance_minor"], w["held_minor"], w["balance_minor"] - w["held_minor"])
+        w["balance_minor"],
+        w["held_minor"],
+        w["balance_minor"] - w["held_minor"],
+    )
     assert (s["currency"], s["status"], s["debt_limit_minor"]) == ("usd", "active", 0)
-    assert {"auto_recharge_enabled", "auto_recharge_threshold_minor", "auto_recharge_amount_minor"} <= s.keys()
+    assert {
+        "auto_recharge_enabled",
+        "auto_recharge_threshold_minor",
+        "auto_recharge_amount_minor",
+    } <= s.keys()
 
 
 def test_list_transactions_pages_the_callers_ledger_by_id(db, service, orgs):
@@ -275,9 +282,7 @@ def test_list_transactions_pages_the_callers_ledger_by_id(db, service, orgs):
     pages, before_id = [], None
     with as_user(db, org_a, "member"):
         while True:
-            page = db.execute(
-                "SELECT * FROM api.list_transactions(%s::bigint, 3)", (before_id,)
-            ).fetchall()
+            page = db.execute("SELECT * FROM api.list_transactions(%s::bigint, 3)", (before_id,)).fetchall()
             if not page:
                 break
             pages.append([row["id"] for row in page])
@@ -292,9 +297,8 @@ def test_list_transactions_pages_the_callers_ledger_by_id(db, service, orgs):
 @pytest.mark.parametrize("max_rows", [0, -1, 501, None])
 def test_list_transactions_refuses_a_bad_page_size(db, orgs, max_rows):
     """max_rows outside 1..500 raises 22023 on max_rows."""
-    with pytest.raises(psycopg.Error) as exc:
-        with as_user(db, orgs[0], "member"):
-            db.execute("SELECT * FROM api.list_transactions(NULL, %s::integer)", (max_rows,))
+    with pytest.raises(psycopg.Error) as exc, as_user(db, orgs[0], "member"):
+        db.execute("SELECT * FROM api.list_transactions(NULL, %s::integer)", (max_rows,))
     assert exc.value.sqlstate == "22023"
     assert exc.value.diag.column_name == "max_rows"
 
@@ -308,8 +312,11 @@ def test_owner_or_admin_configures_auto_recharge(db, orgs, org_role):
         w = one(db, "SELECT * FROM api.configure_auto_recharge(true, 1000::bigint, 2500::bigint)")
     assert (w["org_id"], w["auto_recharge_enabled"]) == (org_a, True)
     a = wallet(db, org_a)
-    assert (a["auto_recharge_enabled"], a["auto_recharge_threshold_minor"],
-            a["auto_recharge_amount_minor"]) == (True, 1000, 2500)
+    assert (
+        a["auto_recharge_enabled"],
+        a["auto_recharge_threshold_minor"],
+        a["auto_recharge_amount_minor"],
+    ) == (True, 1000, 2500)
     assert wallet(db, org_b) == b_before
 
 
@@ -336,17 +343,14 @@ def test_members_cannot_configure_auto_recharge(db, orgs, org_role, org):
         (None, 1000, 2500, "enabled"),
     ],
 )
-def test_auto_recharge_settings_outside_the_bounds_are_invalid(
-    db, orgs, enabled, threshold, amount, field
-):
+def test_auto_recharge_settings_outside_the_bounds_are_invalid(db, orgs, enabled, threshold, amount, field):
     """Thresholds and amounts outside the operator's bounds raise 22023 naming the field."""
     before = snapshot(db)
-    with pytest.raises(psycopg.Error) as exc:
-        with as_user(db, orgs[0], "owner", commit=True):
-            db.execute(
-                "SELECT * FROM api.configure_auto_recharge(%s, %s::bigint, %s::bigint)",
-                (enabled, threshold, amount),
-            )
+    with pytest.raises(psycopg.Error) as exc, as_user(db, orgs[0], "owner", commit=True):
+        db.execute(
+            "SELECT * FROM api.configure_auto_recharge(%s, %s::bigint, %s::bigint)",
+            (enabled, threshold, amount),
+        )
     assert exc.value.sqlstate == "22023"
     assert exc.value.diag.column_name == field
     assert snapshot(db) == before

@@ -233,7 +233,7 @@ def test_unregistered_sms_callback_waits_for_the_worker(service, db):
     outcome = one(
         service,
         "SELECT api.ingest_webhook('twilio', 'evt-x', 'sms-status',"
-        " '{\"MessageSid\": \"SM404\", \"MessageStatus\": \"delivered\"}') AS o",
+        ' \'{"MessageSid": "SM404", "MessageStatus": "delivered"}\') AS o',
     )["o"]
     assert outcome["status"] == "failed"
     assert ledger_count(db) == 0
@@ -246,9 +246,7 @@ def test_expired_sms_hold_is_freed(service, db):
     """An SMS never reported frees its hold once past its expiry."""
     org = priced_wallet(service)
     one(service, REGISTER, (org, "SM1", 3))
-    db.execute(
-        "UPDATE billing.holds SET expires_at = now() - interval '1 second' WHERE ref = 'SM1'"
-    )
+    db.execute("UPDATE billing.holds SET expires_at = now() - interval '1 second' WHERE ref = 'SM1'")
     assert one(service, "SELECT api.expire_holds() AS n")["n"] == 1
     assert hold_row(db, "SM1", "sms")["status"] == "expired"
     assert wallet(db, org)["held_minor"] == 0

@@ -1,0 +1,21 @@
+"""`make demo` end to end, on the test server: the day plays, the books balance, the report and
+the chart are written, and every process it started is gone afterwards."""
+
+import subprocess
+
+from shim.demo.run import run
+
+
+def test_demo_day_plays_and_reconciles(server_url, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DATABASE_URL", server_url)
+    assert run(tmp_path) == 0
+    out = capsys.readouterr().out
+    report = (tmp_path / "report.txt").read_text()
+    assert "ledger invariants (balance = sum of entries, held = open holds): OK" in report
+    assert "stripe  run #" in report and "recovered 1," in report  # the payment lost in the outage
+    assert "vapi    run #" in report and "recovered 2," in report  # the two lost call reports
+    assert "FIRING  RechargeFailures{stripe}" in report  # Bolt's declined card
+    assert (tmp_path / "balances.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "9/9" in out
+    leftovers = subprocess.run(["pgrep", "-f", "shim.cli worker --interval 0.5"], capture_output=True)
+    assert leftovers.stdout == b""
