@@ -50,11 +50,11 @@ def api_functions(db) -> list[dict]:
     ).fetchall()
 
 
-def billing_tables(db) -> list[str]:
-    """Every table in schema billing."""
+def billing_relations(db) -> list[str]:
+    """Every table and view in schema billing."""
     rows = db.execute(
         "SELECT c.relname FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace"
-        " WHERE n.nspname = 'billing' AND c.relkind IN ('r', 'p') ORDER BY 1"
+        " WHERE n.nspname = 'billing' AND c.relkind IN ('r', 'p', 'v', 'm') ORDER BY 1"
     ).fetchall()
     return [row["relname"] for row in rows]
 
@@ -114,8 +114,9 @@ def test_user_without_an_org_sees_nothing(db, orgs):
 
 
 def test_no_other_billing_table_is_readable_by_users(db, orgs):
-    """Every billing table except wallets and ledger_entries refuses a signed-in user (42501)."""
-    others = [t for t in billing_tables(db) if t not in READABLE_BY_MEMBERS]
+    """Every billing table or view except wallets and ledger_entries refuses a signed-in user
+    (42501)."""
+    others = [t for t in billing_relations(db) if t not in READABLE_BY_MEMBERS]
     assert {"holds", "settings", "notifications", "webhook_events"} <= set(others)
     readable = []
     for table in others:
@@ -142,9 +143,11 @@ def test_no_other_billing_table_is_readable_by_users(db, orgs):
 def test_users_cannot_write_billing_tables(db, orgs, statement):
     """Signed-in users write nothing directly: 42501, and nothing changed."""
     before = snapshot(db)
-    with pytest.raises(psycopg.errors.InsufficientPrivilege) as exc:
-        with as_user(db, orgs[0], "owner", commit=True):
-            db.execute(statement, {"org": orgs[0]})
+    with (
+        pytest.raises(psycopg.errors.InsufficientPrivilege) as exc,
+        as_user(db, orgs[0], "owner", commit=True),
+    ):
+        db.execute(statement, {"org": orgs[0]})
     assert exc.value.sqlstate == "42501"
     assert snapshot(db) == before
 
@@ -166,9 +169,11 @@ def test_authenticated_may_execute_only_the_client_functions(db):
 def test_authenticated_cannot_execute_money_functions(db, orgs, name, sql):
     """An owner calling a service function directly is refused with 42501; nothing changes."""
     before = snapshot(db)
-    with pytest.raises(psycopg.errors.InsufficientPrivilege) as exc:
-        with as_user(db, orgs[0], "owner", commit=True):
-            db.execute(sql, {"org": orgs[0], "new": new_org()})
+    with (
+        pytest.raises(psycopg.errors.InsufficientPrivilege) as exc,
+        as_user(db, orgs[0], "owner", commit=True),
+    ):
+        db.execute(sql, {"org": orgs[0], "new": new_org()})
     assert exc.value.sqlstate == "42501"
     assert snapshot(db) == before
 
@@ -202,9 +207,11 @@ def test_anon_can_execute_no_api_function(db):
 def test_anonymous_caller_is_refused_everything(db, orgs, sql):
     """The anon role (no JWT) can neither call an api function nor read a billing table."""
     before = snapshot(db)
-    with pytest.raises(psycopg.errors.InsufficientPrivilege) as exc:
-        with as_user(db, None, role="anon", commit=True):
-            db.execute(sql, {"org": orgs[0]})
+    with (
+        pytest.raises(psycopg.errors.InsufficientPrivilege) as exc,
+        as_user(db, None, role="anon", commit=True),
+    ):
+        db.execute(sql, {"org": orgs[0]})
     assert exc.value.sqlstate == "42501"
     assert snapshot(db) == before
 
@@ -324,9 +331,11 @@ def test_owner_or_admin_configures_auto_recharge(db, orgs, org_role):
 def test_members_cannot_configure_auto_recharge(db, orgs, org_role, org):
     """A member, a user without a role, or a JWT without an org is refused with 42501."""
     before = snapshot(db)
-    with pytest.raises(psycopg.errors.InsufficientPrivilege) as exc:
-        with as_user(db, orgs[0] if org else None, org_role, commit=True):
-            db.execute("SELECT * FROM api.configure_auto_recharge(true, 1000::bigint, 2500::bigint)")
+    with (
+        pytest.raises(psycopg.errors.InsufficientPrivilege) as exc,
+        as_user(db, orgs[0] if org else None, org_role, commit=True),
+    ):
+        db.execute("SELECT * FROM api.configure_auto_recharge(true, 1000::bigint, 2500::bigint)")
     assert exc.value.sqlstate == "42501"
     assert snapshot(db) == before
 

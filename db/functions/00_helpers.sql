@@ -1,5 +1,10 @@
 -- Private helpers shared by every area: input validation, the caller's identity, fingerprints.
 
+-- Grants are declarative: every migrate first takes them all away, then each file grants what
+-- stands next to its functions (all in one transaction), so a grant deleted from the source is
+-- gone from the database too.
+REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA api, billing FROM PUBLIC, anon, authenticated, service_role;
+
 -- Raise SQLSTATE 22023 naming the bad field (in the message and in the error's COLUMN field,
 -- which clients read as diag.column_name). PostgREST answers 400 for it.
 CREATE OR REPLACE FUNCTION billing._invalid(p_field text, p_problem text)
