@@ -64,7 +64,7 @@ def cmd_reconcile(args) -> int:
     config = Config()
     with open_pool(config.database_url) as pool:
         since = parse_since(args.since) if args.since else None
-        run = reconcile_provider(pool, config, args.provider, since)
+        run = reconcile_provider(pool, config, args.provider, since, resume=args.resume)
     print(json.dumps(run, indent=2, default=str))
     return 0 if run.get("status") == "completed" else 1
 
@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     reconcile = sub.add_parser("reconcile", help=cmd_reconcile.__doc__)
     reconcile.add_argument("provider", choices=["stripe", "vapi"])
     reconcile.add_argument("--since", default=None, help="how far back: 7d, 24h, 90m (default: 7d / 24h)")
+    reconcile.add_argument("--resume", action="store_true",
+                           help="continue the latest failed run over its own window")
     reconcile.set_defaults(func=cmd_reconcile)
     sub.add_parser("health", help=cmd_health.__doc__).set_defaults(func=cmd_health)
     demo = sub.add_parser("demo", help=cmd_demo.__doc__)

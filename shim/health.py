@@ -13,11 +13,10 @@ log = logging.getLogger(__name__)
 
 
 def read(pool) -> tuple[list[dict], list[dict]]:
-    """The metric rows and the alert rows, in one connection."""
+    """The metric rows and the alert rows, from one evaluation of api.health_metrics()."""
     with pool.connection() as conn:
-        metrics = conn.execute(QUERIES["health_metrics"]).fetchall()
-        alerts = conn.execute(QUERIES["health_alerts"]).fetchall()
-    return metrics, alerts
+        health = conn.execute(QUERIES["health_report"]).fetchone()["report"]
+    return health["metrics"], health["alerts"]
 
 
 class BillingHealthCollector(Collector):

@@ -41,10 +41,10 @@ SELECT count(*) AS applied FROM public._yoyo_migration WHERE migration_id = ANY(
 -- Whether a provider's scheduled reconciliation is due, and its lookback.
 SELECT api.reconciliation_due(%(provider)s::text) AS due
 
--- name: health_metrics
--- Every billing health number (api.health_metrics), one row each.
-SELECT metric, provider, value FROM api.health_metrics()
+-- name: failed_reconciliation_window
+-- The window of a provider's latest failed reconciliation run (null when none).
+SELECT api.failed_reconciliation_window(%(provider)s::text) AS window
 
--- name: health_alerts
--- The alerts evaluated on the current numbers.
-SELECT alert, provider, value, threshold, firing FROM api.health_alerts()
+-- name: health_report
+-- Every billing health number and the alerts evaluated on them, from one evaluation.
+SELECT api.health_report() AS report

@@ -5,7 +5,7 @@ events, releasing expired holds, charging auto-recharge claims, scheduled reconc
 import logging
 import time
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from shim.config import Config
 from shim.http_errors import require
@@ -20,13 +20,23 @@ log = logging.getLogger(__name__)
 DEFAULT_SINCE = {"stripe": timedelta(days=7), "vapi": timedelta(hours=24)}
 
 
-def reconcile_provider(pool, config: Config, provider: str, since: timedelta | None = None) -> dict:
-    """One reconciliation run against one provider (NotConfigured when its key is missing)."""
+def reconcile_provider(pool, config: Config, provider: str, since: timedelta | None = None,
+                       resume: bool = False) -> dict:
+    """One reconciliation run against one provider (NotConfigured when its key is missing).
+    With resume, the provider's latest failed run is continued over its own window."""
+    window_end = None
     since = since or DEFAULT_SINCE[provider]
+    if resume:
+        with pool.connection() as conn:
+            failed = conn.execute(QUERIES["failed_reconciliation_window"], {"provider": provider}).fetchone()
+        if failed["window"] is None:
+            raise LookupError(f"no failed {provider} reconciliation run to resume")
+        window_end = datetime.fromisoformat(failed["window"]["window_end"])
+        since = window_end - datetime.fromisoformat(failed["window"]["window_start"])
     if provider == "stripe":
-        return reconcile_stripe(pool, make_client(config), since)
+        return reconcile_stripe(pool, make_client(config), since, now=window_end)
     calls = VapiCalls(config.vapi_api_base, require(config.vapi_api_key, "VAPI_API_KEY"))
-    return reconcile_vapi(pool, calls, since)
+    return reconcile_vapi(pool, calls, since, now=window_end)
 
 
 def reconcile_due(pool, config: Config) -> dict:

@@ -183,3 +183,30 @@ def test_interrupted_run_resumes_from_its_cursor(client, service, db, fake_strip
     assert pages[2]["created"]["lte"] == int(failed["resume_cursor"].timestamp())
     assert ledger_count(db, org) == 5
     assert wallet(db, org)["balance_minor"] == sum(1000 + i for i in range(5))
+
+
+def test_cli_resume_continues_the_failed_window(client, service, db, fake_stripe, shim_config, pool, monkeypatch):
+    """`creditledger reconcile stripe --resume` picks the failed run's own window, whatever now is."""
+    from shim.worker import reconcile_provider
+
+    org = open_wallet(service)
+    pay(client, fake_stripe, org, 1500)
+    fake_stripe.control("fail", {"count": 5, "status": 500, "path_prefix": "/v1/events"})
+    window_end = datetime.now(UTC) + timedelta(minutes=1)  # not 'now': the resume must reuse it
+    with pytest.raises(Exception):
+        reconcile_stripe(pool, make_client(shim_config, max_network_retries=0), timedelta(days=2), now=window_end)
+    failed = db.execute("SELECT * FROM billing.reconciliation_runs").fetchone()
+    resumed = reconcile_provider(pool, shim_config, "stripe", resume=True)
+    assert resumed["id"] == failed["id"] and resumed["status"] == "completed"
+    assert resumed["window_end"] == failed["window_end"].isoformat()
+    assert ledger_count(db, org) == 1
+
+
+def test_failed_runs_are_retried_after_ten_minutes_not_every_pass(service, db):
+    due = lambda: service.execute("SELECT api.reconciliation_due('vapi') AS d").fetchone()["d"]["due"]  # noqa: E731
+    assert due()
+    db.execute("INSERT INTO billing.reconciliation_runs (provider, window_start, window_end, status) "
+               "VALUES ('vapi', now() - interval '1 day', now(), 'failed')")
+    assert not due()
+    db.execute("UPDATE billing.reconciliation_runs SET started_at = now() - interval '11 minutes'")
+    assert due()

@@ -195,6 +195,37 @@ END
 $$;
 GRANT EXECUTE ON FUNCTION api.add_wallet_credits(uuid, bigint, text, text, text, text, jsonb) TO service_role;
 
+-- An operator's correction, credit or debit, with the ticket or reason it answers to. The
+-- ledger is append-only: this is how a wrong balance is put right, never an UPDATE.
+CREATE OR REPLACE FUNCTION api.adjust_wallet(
+  org_id uuid, amount_minor bigint, idempotency_key text, note text, details jsonb DEFAULT '{}')
+  RETURNS api.op_result
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = ''
+AS $$
+BEGIN
+  IF org_id IS NULL THEN
+    PERFORM billing._invalid('org_id', 'must not be null');
+  END IF;
+  IF amount_minor IS NULL OR amount_minor = 0 THEN
+    PERFORM billing._invalid('amount_minor', 'must be a non-zero number of minor units');
+  END IF;
+  PERFORM billing._check_amount('amount_minor', abs(amount_minor));
+  PERFORM billing._check_key('idempotency_key', idempotency_key);
+  IF note IS NULL OR pg_catalog.length(note) < 3 THEN
+    PERFORM billing._invalid('note', 'say why (at least 3 characters)');
+  END IF;
+  IF details IS NULL OR pg_catalog.jsonb_typeof(details) <> 'object' THEN
+    PERFORM billing._invalid('details', 'must be a JSON object');
+  END IF;
+  RETURN billing._move_money(
+    adjust_wallet.org_id, adjust_wallet.amount_minor, 'adjustment', adjust_wallet.idempotency_key,
+    pg_catalog.jsonb_build_object('op', 'adjust', 'org_id', adjust_wallet.org_id,
+                                  'amount_minor', adjust_wallet.amount_minor),
+    'manual', NULL, details || pg_catalog.jsonb_build_object('note', note), now());
+END
+$$;
+GRANT EXECUTE ON FUNCTION api.adjust_wallet(uuid, bigint, text, text, jsonb) TO service_role;
+
 -- The caller's ledger, newest first, paged by id (keyset: stable under concurrent inserts).
 CREATE OR REPLACE FUNCTION api.list_transactions(before_id bigint DEFAULT NULL, max_rows integer DEFAULT 50)
   RETURNS TABLE (

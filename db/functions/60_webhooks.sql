@@ -483,6 +483,31 @@ END
 $$;
 GRANT EXECUTE ON FUNCTION api.replay_webhook_event(bigint) TO service_role;
 
+-- An operator closes a dead or unattributed event that must never apply (a test event, a
+-- payment handled by hand), saying why; it becomes 'ignored' and stops alerting. Moves no money.
+CREATE OR REPLACE FUNCTION api.discard_webhook_event(event_row_id bigint, reason text)
+  RETURNS jsonb
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = ''
+AS $$
+DECLARE
+  ev billing.webhook_events;
+BEGIN
+  IF reason IS NULL OR pg_catalog.length(reason) < 3 THEN
+    PERFORM billing._invalid('reason', 'say why (at least 3 characters)');
+  END IF;
+  UPDATE billing.webhook_events AS we
+     SET status = 'ignored', next_attempt_at = NULL, processed_at = now(),
+         last_error = 'discarded by an operator: ' || discard_webhook_event.reason
+   WHERE we.id = event_row_id AND we.status IN ('dead', 'unattributed', 'failed')
+  RETURNING * INTO ev;
+  IF NOT FOUND THEN
+    PERFORM billing._invalid('event_row_id', 'no dead, unattributed or failed event with this id');
+  END IF;
+  RETURN pg_catalog.jsonb_build_object('event_row_id', ev.id, 'status', ev.status);
+END
+$$;
+GRANT EXECUTE ON FUNCTION api.discard_webhook_event(bigint, text) TO service_role;
+
 -- Route a Vapi assistant or phone number to an org (used when call metadata has no org).
 CREATE OR REPLACE FUNCTION api.set_vapi_route(kind text, vapi_id text, org_id uuid)
   RETURNS void

@@ -195,21 +195,37 @@ $$;
 GRANT EXECUTE ON FUNCTION api.finish_reconciliation_run(bigint, text, text) TO service_role;
 
 -- Whether a provider's scheduled reconciliation is due (the worker asks every pass), and the
--- window it should cover.
+-- window it should cover. A failed run is retried after 10 minutes, not at every pass.
 CREATE OR REPLACE FUNCTION api.reconciliation_due(provider text)
   RETURNS jsonb
   LANGUAGE sql STABLE SECURITY DEFINER SET search_path = ''
 AS $$
   SELECT pg_catalog.jsonb_build_object(
-    'due', coalesce(max(r.started_at) < now() - s.reconcile_every, true),
-    'lookback_seconds', EXTRACT(EPOCH FROM CASE reconciliation_due.provider WHEN 'stripe' THEN s.reconcile_stripe_lookback
-                                                         ELSE s.reconcile_vapi_lookback END))
+    'due', coalesce(max(r.started_at) FILTER (WHERE r.status IN ('completed', 'running'))
+                      < now() - s.reconcile_every, true)
+           AND coalesce(max(r.started_at) FILTER (WHERE r.status = 'failed')
+                          < now() - interval '10 minutes', true),
+    'lookback_seconds', EXTRACT(EPOCH FROM CASE reconciliation_due.provider
+                                             WHEN 'stripe' THEN s.reconcile_stripe_lookback
+                                             ELSE s.reconcile_vapi_lookback END))
     FROM billing.settings AS s
-    LEFT JOIN billing.reconciliation_runs AS r
-      ON r.provider = reconciliation_due.provider AND r.status IN ('completed', 'running')
+    LEFT JOIN billing.reconciliation_runs AS r ON r.provider = reconciliation_due.provider
    GROUP BY s.reconcile_every, s.reconcile_stripe_lookback, s.reconcile_vapi_lookback
 $$;
 GRANT EXECUTE ON FUNCTION api.reconciliation_due(text) TO service_role;
+
+-- The window of the provider's latest failed run, for `creditledger reconcile ... --resume`.
+CREATE OR REPLACE FUNCTION api.failed_reconciliation_window(provider text)
+  RETURNS jsonb
+  LANGUAGE sql STABLE SECURITY DEFINER SET search_path = ''
+AS $$
+  SELECT pg_catalog.jsonb_build_object('run_id', r.id, 'window_start', r.window_start,
+                                       'window_end', r.window_end)
+    FROM billing.reconciliation_runs AS r
+   WHERE r.provider = failed_reconciliation_window.provider AND r.status = 'failed'
+   ORDER BY r.id DESC LIMIT 1
+$$;
+GRANT EXECUTE ON FUNCTION api.failed_reconciliation_window(text) TO service_role;
 
 -- An operator closes a discrepancy, saying what was done about it.
 CREATE OR REPLACE FUNCTION api.resolve_discrepancy(discrepancy_id bigint, resolution text)

@@ -48,16 +48,20 @@ CREATE OR REPLACE FUNCTION api.health_metrics()
 AS $$
   WITH providers(provider) AS (VALUES ('stripe'), ('vapi'), ('twilio')),
   windows(name, span) AS (VALUES ('1h', interval '1 hour'), ('24h', interval '24 hours')),
+  -- The last 24 hours only, read through webhook_events_received_idx: the scrape costs what the
+  -- day's traffic costs, not what the inbox's whole history would.
+  recent AS (
+    SELECT e.provider, e.status, e.received_at FROM billing.webhook_events AS e
+     WHERE e.received_at > now() - interval '24 hours'),
   events AS (
     SELECT p.provider, wn.name AS win,
-           count(e.id) AS received,
-           count(e.id) FILTER (WHERE e.status IN ('processed', 'ignored')) AS applied,
-           count(e.id) FILTER (WHERE e.status = 'failed') AS failed,
-           count(e.id) FILTER (WHERE e.status = 'dead') AS dead,
-           count(e.id) FILTER (WHERE e.status = 'unattributed') AS unattributed
+           count(e.received_at) AS received,
+           count(e.received_at) FILTER (WHERE e.status IN ('processed', 'ignored')) AS applied,
+           count(e.received_at) FILTER (WHERE e.status = 'failed') AS failed,
+           count(e.received_at) FILTER (WHERE e.status = 'dead') AS dead,
+           count(e.received_at) FILTER (WHERE e.status = 'unattributed') AS unattributed
       FROM providers AS p CROSS JOIN windows AS wn
-      LEFT JOIN billing.webhook_events AS e
-        ON e.provider = p.provider AND e.received_at > now() - wn.span
+      LEFT JOIN recent AS e ON e.provider = p.provider AND e.received_at > now() - wn.span
      GROUP BY p.provider, wn.name),
   -- Every event still needing attention, whatever its age (indexes: retry_idx, alert_idx).
   backlog AS (
@@ -113,13 +117,14 @@ GRANT EXECUTE ON FUNCTION api.health_metrics() TO service_role;
 -- The same numbers, as operators read them.
 CREATE OR REPLACE VIEW billing.health AS SELECT * FROM api.health_metrics();
 
--- The alerts of docs/monitoring.md, evaluated on the current numbers (the Prometheus rules in
+-- The alerts of docs/monitoring.md evaluated on a set of metric rows (the Prometheus rules in
 -- ops/prometheus/alerts.yml say the same over time).
-CREATE OR REPLACE FUNCTION api.health_alerts()
+CREATE OR REPLACE FUNCTION billing._evaluate_alerts(p_metrics jsonb)
   RETURNS TABLE (alert text, provider text, value double precision, threshold double precision, firing boolean)
-  LANGUAGE sql STABLE SECURITY DEFINER SET search_path = ''
+  LANGUAGE sql IMMUTABLE SECURITY INVOKER SET search_path = ''
 AS $$
-  WITH m AS (SELECT * FROM api.health_metrics()),
+  WITH m AS (SELECT * FROM pg_catalog.jsonb_to_recordset(p_metrics)
+                        AS x(metric text, provider text, value double precision)),
   rules(alert, metric, threshold, fires_above) AS (VALUES
     ('WebhookSuccessRateLow', 'webhook_success_ratio_1h', 0.95, false),
     ('WebhookBacklogStale', 'webhook_backlog_oldest_seconds', 300, true),
@@ -135,4 +140,25 @@ AS $$
     FROM rules AS r JOIN m ON m.metric = r.metric
    ORDER BY 1, 2
 $$;
+
+-- The alerts, evaluated now.
+CREATE OR REPLACE FUNCTION api.health_alerts()
+  RETURNS TABLE (alert text, provider text, value double precision, threshold double precision, firing boolean)
+  LANGUAGE sql STABLE SECURITY DEFINER SET search_path = ''
+AS $$
+  SELECT * FROM billing._evaluate_alerts((SELECT pg_catalog.jsonb_agg(m) FROM api.health_metrics() AS m))
+$$;
 GRANT EXECUTE ON FUNCTION api.health_alerts() TO service_role;
+
+-- Metrics and alerts from one evaluation of the metrics: what a scrape and `creditledger health` read.
+CREATE OR REPLACE FUNCTION api.health_report()
+  RETURNS jsonb
+  LANGUAGE sql STABLE SECURITY DEFINER SET search_path = ''
+AS $$
+  WITH m AS (SELECT pg_catalog.jsonb_agg(x) AS rows FROM api.health_metrics() AS x)
+  SELECT pg_catalog.jsonb_build_object(
+    'metrics', m.rows,
+    'alerts', (SELECT pg_catalog.jsonb_agg(a) FROM billing._evaluate_alerts(m.rows) AS a))
+    FROM m
+$$;
+GRANT EXECUTE ON FUNCTION api.health_report() TO service_role;
