@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 
 from shim.database import database_url
 
@@ -32,6 +33,9 @@ def cmd_serve(args) -> int:
     from shim.config import Config
 
     os.environ.setdefault("DATABASE_URL", database_url())
+    if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # One metrics directory shared by the workers (see shim/metrics.py), fresh per start.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="creditledger-metrics-")
     argv = gunicorn_argv(args.port or Config().port, args.workers, args.threads)
     os.execvp(argv[0], argv)
     return 0  # not reached: exec replaces this process

@@ -1,13 +1,21 @@
 """The shim's own Prometheus metrics: requests by endpoint and answer, and their latency."""
 
+import os
 import time
 
 from flask import Flask, g, request
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, multiprocess
 
 
 def install(app: Flask, registry: CollectorRegistry) -> None:
-    """Count and time every request; the endpoint label is the route, never the raw path."""
+    """Count and time every request; the endpoint label is the route, never the raw path.
+
+    Under gunicorn with several workers (`creditledger serve` sets PROMETHEUS_MULTIPROC_DIR),
+    each worker writes its samples to that directory and a scrape, served by any worker, sums
+    them all; otherwise a scrape would see one worker's counters and rate() would see resets."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiprocess.MultiProcessCollector(registry)
+        registry = None  # samples go to the shared files, not to this worker's registry
     requests_total = Counter(
         "creditledger_http_requests_total", "HTTP requests by endpoint and status code",
         ["endpoint", "code"], registry=registry)

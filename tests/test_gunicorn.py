@@ -27,7 +27,9 @@ def free_port() -> int:
 def gunicorn_url(db_url, tmp_path):
     """gunicorn serving the app on 127.0.0.1, stopped after the test."""
     port = free_port()
-    env = dict(os.environ, DATABASE_URL=db_url,
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    env = dict(os.environ, DATABASE_URL=db_url, PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
                **{name.upper(): value for name, value in SECRETS.items()})
     argv = gunicorn_argv(port, workers=2, threads=4)
     argv[argv.index("--bind") + 1] = f"127.0.0.1:{port}"
@@ -38,9 +40,9 @@ def gunicorn_url(db_url, tmp_path):
     try:
         for _ in range(100):
             try:
-                if requests.get(f"{url}/healthz", timeout=1).status_code == 200:
+                if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except requests.RequestException:
                 time.sleep(0.1)
         else:
             pytest.fail(f"gunicorn did not start: {log.read_text()}")
@@ -69,7 +71,10 @@ def test_concurrent_deliveries_of_one_event_credit_once(gunicorn_url, service, d
     assert ledger_count(db, org) == 1
 
 
-def test_metrics_count_requests_by_endpoint_and_code(gunicorn_url):
-    requests.post(f"{gunicorn_url}/webhooks/stripe", data=b"{}", timeout=10)
+def test_metrics_count_requests_of_every_worker(gunicorn_url):
+    """Two workers answer; whichever serves the scrape reports the requests of both."""
+    for _ in range(12):
+        requests.post(f"{gunicorn_url}/webhooks/stripe", data=b"{}", timeout=10)
     text = requests.get(f"{gunicorn_url}/metrics", timeout=10).text
-    assert 'creditledger_http_requests_total{code="400",endpoint="/webhooks/stripe"}' in text
+    assert 'creditledger_http_requests_total{code="400",endpoint="/webhooks/stripe"} 12.0' in text
+    assert "creditledger_database_up 1.0" in text
