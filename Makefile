@@ -41,3 +41,13 @@ worker: $(STAMP)
 
 demo: $(STAMP)
 	$(CLI) demo
+
+# CI's whole pipeline (.ci/run: apt packages, embedded and PostgreSQL 15 legs, plpgsql_check lint,
+# coverage); run it as root. `coverage`: the suite with Python and PL/pgSQL statement coverage, for a
+# TEST_DATABASE_URL server that preloads plpgsql_check with plpgsql_check.profiler = on.
+.PHONY: ci coverage
+ci:
+	bash .ci/run
+
+coverage: $(STAMP)
+	$(PY) -m pytest -p tests.plpgsql_coverage --cov=shim --cov-report=term $(PYTEST_ARGS)

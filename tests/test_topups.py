@@ -123,3 +123,19 @@ def test_paid_session_credits_once_through_the_webhook(client, service, db, stri
     assert db.execute("SELECT status FROM billing.checkout_requests").fetchone()["status"] == "completed"
     again = top_up(client, org, amount=2500)
     assert again.json["status"] == "created"  # a completed session is not offered again
+
+
+def test_expired_session_gets_a_new_attempt_under_a_new_key(client, service, db, fake_stripe):
+    """A session that expired unpaid is not offered again: the same request gets a new session,
+    created under a new idempotency key (attempt 2), and the old one is not reused."""
+    org = open_wallet(service)
+    request_id = uuid.uuid4()
+    token = supabase_token(org)
+    first = top_up(client, org, request_id=request_id, token=token)
+    db.execute("UPDATE billing.checkout_requests SET session_expires_at = now() - interval '1 second'")
+    second = top_up(client, org, request_id=request_id, token=token)
+    assert second.status_code == 200 and second.json["status"] == "created"
+    assert second.json["session_id"] != first.json["session_id"]
+    row = db.execute("SELECT attempt, idempotency_key FROM billing.checkout_requests").fetchone()
+    assert row["attempt"] == 2 and row["idempotency_key"].endswith("-2")
+    assert creations(fake_stripe)["created"] == 2

@@ -7,9 +7,10 @@ REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA api, billing FROM PUBLIC, anon, authen
 
 -- Raise SQLSTATE 22023 naming the bad field (in the message and in the error's COLUMN field,
 -- which clients read as diag.column_name). PostgREST answers 400 for it.
+-- VOLATILE, not IMMUTABLE: a function that raises must never be pre-evaluated by the planner.
 CREATE OR REPLACE FUNCTION billing._invalid(p_field text, p_problem text)
   RETURNS void
-  LANGUAGE plpgsql IMMUTABLE SECURITY INVOKER SET search_path = ''
+  LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = ''
 AS $$
 BEGIN
   RAISE EXCEPTION USING

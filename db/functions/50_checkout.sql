@@ -81,12 +81,12 @@ BEGIN
     RETURN billing._checkout_answer(c, 'create');
   END IF;
   -- The session expired unpaid: a new attempt, under a new key.
-  UPDATE billing.checkout_requests
-     SET status = 'creating', attempt = attempt + 1, session_id = NULL, checkout_url = NULL,
+  UPDATE billing.checkout_requests AS cr
+     SET status = 'creating', attempt = cr.attempt + 1, session_id = NULL, checkout_url = NULL,
          session_expires_at = NULL, lease_until = now() + s.checkout_lease, updated_at = now(),
-         idempotency_key = pg_catalog.format('creditledger-checkout-%s-%s-%s', org_id,
-                                             client_request_id, attempt + 1)
-   WHERE id = c.id RETURNING * INTO c;
+         idempotency_key = pg_catalog.format('creditledger-checkout-%s-%s-%s', cr.org_id,
+                                             cr.client_request_id, cr.attempt + 1)
+   WHERE cr.id = c.id RETURNING * INTO c;
   RETURN billing._checkout_answer(c, 'create');
 END
 $$;
