@@ -33,6 +33,10 @@ SELECT * FROM api.lease_recharge_claims(%(max_claims)s::integer)
 -- What Stripe answered for a claim's PaymentIntent.
 SELECT * FROM api.record_recharge_result(%(claim_id)s::bigint, %(outcome)s::text, %(payment_intent_id)s::text, %(amount_minor)s::bigint, %(currency)s::text, %(failure_code)s::text)
 
+-- name: mark_recharge_processing
+-- Stripe accepted a claim's PaymentIntent but has not settled it: never create it again.
+SELECT api.mark_recharge_processing(%(claim_id)s::bigint, %(payment_intent_id)s::text) AS claim
+
 -- name: schema_current
 -- Whether every migration in this release has been applied (for /healthz).
 SELECT count(*) AS applied FROM public._yoyo_migration WHERE migration_id = ANY(%(ids)s::text[])

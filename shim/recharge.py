@@ -16,8 +16,9 @@ log = logging.getLogger(__name__)
 
 
 def charge_claim(client: stripe.StripeClient, claim: dict) -> dict:
-    """Charge one claim's saved card off-session; return the arguments of record_recharge_result,
-    or None when Stripe could not be reached (the claim's lease expires and it is retried)."""
+    """Charge one claim's saved card off-session; return what to record (an outcome of
+    succeeded, failed or processing), or None when Stripe could not be reached (the claim's
+    lease expires and it is retried with the same key)."""
     recorded = {"claim_id": claim["claim_id"], "payment_intent_id": None, "amount_minor": None,
                 "currency": None, "failure_code": None}
     try:
@@ -45,7 +46,9 @@ def charge_claim(client: stripe.StripeClient, claim: dict) -> dict:
         log.warning("recharge claim %s: Stripe unavailable (%s); retried after its lease",
                     claim["claim_id"], exc)
         return None
-    except stripe.InvalidRequestError as exc:
+    except (stripe.InvalidRequestError, stripe.IdempotencyError) as exc:
+        # e.g. the saved card changed since the key was first used: this claim cannot be sent
+        # again as it is; it fails (with its cooldown) and the next claim carries a new key.
         return recorded | {"outcome": "failed", "failure_code": exc.code or "invalid_request"}
 
     if intent.status == "succeeded":
@@ -55,13 +58,13 @@ def charge_claim(client: stripe.StripeClient, claim: dict) -> dict:
     if intent.status in ("requires_action", "requires_payment_method"):
         return recorded | {"outcome": "failed", "payment_intent_id": intent.id,
                            "failure_code": "authentication_required"}
-    # processing: the payment_intent.* webhook settles the claim.
-    return None
+    # processing (a bank debit): remembered on the claim, settled by the payment_intent.* webhook.
+    return recorded | {"outcome": "processing", "payment_intent_id": intent.id}
 
 
 def process_claims(pool, client: stripe.StripeClient, max_claims: int = 20) -> dict:
     """One pass: lease due claims, charge each, record each answer. Returns counts."""
-    counts = {"leased": 0, "succeeded": 0, "failed": 0, "deferred": 0}
+    counts = {"leased": 0, "succeeded": 0, "failed": 0, "processing": 0, "deferred": 0}
     with pool.connection() as conn:
         claims = conn.execute(QUERIES["lease_recharge_claims"], {"max_claims": max_claims}).fetchall()
     for claim in claims:
@@ -71,6 +74,9 @@ def process_claims(pool, client: stripe.StripeClient, max_claims: int = 20) -> d
             counts["deferred"] += 1
             continue
         with pool.connection() as conn:
-            conn.execute(QUERIES["record_recharge_result"], recorded)
+            if recorded["outcome"] == "processing":
+                conn.execute(QUERIES["mark_recharge_processing"], recorded)
+            else:
+                conn.execute(QUERIES["record_recharge_result"], recorded)
         counts[recorded["outcome"]] += 1
     return counts

@@ -147,3 +147,16 @@ def test_stripe_outage_defers_the_claim_without_failing_it(service, db, shim_con
     counts = process_claims(pool, make_client(config, max_network_retries=0))
     assert counts["deferred"] == 1
     assert claims(db, org)[0]["status"] == "pending"
+
+
+def test_switching_auto_recharge_off_withdraws_the_unsent_claim(service, db, shim_config, fake_stripe, pool):
+    org = recharging_org(service, db)
+    charge_call(service, org, 60 * 30)
+    with as_user(db, org, "admin", commit=True) as conn:
+        conn.execute("SELECT * FROM api.configure_auto_recharge(false, 1000::bigint, 2000::bigint)")
+    (claim,) = claims(db, org)
+    assert claim["status"] == "failed" and claim["failure_code"] == "canceled_by_customer"
+    assert claim["cooldown_until"] is None  # withdrawn, not declined: no cooldown
+    run_once(pool, shim_config)
+    assert intents_created(fake_stripe) == 0
+    assert wallet(db, org)["auto_recharge_failures"] == 0

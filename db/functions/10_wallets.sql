@@ -192,6 +192,13 @@ BEGIN
   IF NOT FOUND THEN
     RAISE EXCEPTION USING ERRCODE = 'P0002', MESSAGE = 'no wallet for the caller''s organisation';
   END IF;
+  -- Switched off: a claim not yet sent to Stripe is withdrawn (not a failure: no cooldown).
+  IF NOT configure_auto_recharge.enabled THEN
+    UPDATE billing.recharge_claims AS rc
+       SET status = 'failed', failure_code = 'canceled_by_customer', settled_at = now()
+     WHERE rc.org_id = v_org AND rc.status = 'pending' AND rc.payment_intent_id IS NULL
+       AND (rc.leased_until IS NULL OR rc.leased_until < now());
+  END IF;
   -- A balance already below the new threshold is recharged now, not at the next call.
   PERFORM billing._maybe_claim_recharge(v_org);
   RETURN billing._wallet_row(w);

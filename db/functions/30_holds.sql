@@ -348,23 +348,32 @@ BEGIN
 END
 $$;
 
--- Free every hold past its expiry (a call or SMS never reported). Run by the worker.
+-- Free every hold past its expiry (a call or SMS never reported). Run by the worker. A call's
+-- charge is recovered by Vapi reconciliation; an SMS whose status callback never came has no
+-- such source here, so its expiry is recorded as an open discrepancy (an alert) to settle by hand.
 CREATE OR REPLACE FUNCTION api.expire_holds()
   RETURNS integer
   LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = ''
 AS $$
 DECLARE
   v_org uuid;
-  v_hold_id bigint;
+  h billing.holds;
   v_count integer := 0;
 BEGIN
   -- Wallet first, then its holds: the lock order of every money path.
-  FOR v_org IN SELECT DISTINCT h.org_id FROM billing.holds AS h
-                WHERE h.status = 'open' AND h.expires_at < now() ORDER BY 1 LOOP
+  FOR v_org IN SELECT DISTINCT ho.org_id FROM billing.holds AS ho
+                WHERE ho.status = 'open' AND ho.expires_at < now() ORDER BY 1 LOOP
     PERFORM billing._lock_wallet(v_org);
-    FOR v_hold_id IN SELECT h.id FROM billing.holds AS h
-                      WHERE h.org_id = v_org AND h.status = 'open' AND h.expires_at < now() LOOP
-      PERFORM billing._settle_hold(v_hold_id, 'expired');
+    FOR h IN SELECT * FROM billing.holds AS ho
+              WHERE ho.org_id = v_org AND ho.status = 'open' AND ho.expires_at < now() LOOP
+      PERFORM billing._settle_hold(h.id, 'expired');
+      IF h.purpose = 'sms' THEN
+        INSERT INTO billing.discrepancies (provider, kind, ref, org_id, evidence)
+        VALUES ('twilio', 'unsettled_sms', h.ref, h.org_id,
+                pg_catalog.jsonb_build_object('held_minor', h.amount_minor, 'registered_at', h.created_at,
+                                              'last_status', h.provider_status))
+        ON CONFLICT DO NOTHING;
+      END IF;
       v_count := v_count + 1;
     END LOOP;
   END LOOP;

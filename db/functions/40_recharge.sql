@@ -60,6 +60,9 @@ BEGIN
     WITH due AS (
       SELECT c.id FROM billing.recharge_claims AS c
        WHERE c.status = 'pending' AND (c.leased_until IS NULL OR c.leased_until < now())
+         -- A PaymentIntent still processing (a bank debit takes days) is settled by its webhook
+         -- or by reconciliation, never created again: Stripe forgets idempotency keys after 24 h.
+         AND c.payment_intent_id IS NULL
        ORDER BY c.id
        LIMIT max_claims
        FOR UPDATE SKIP LOCKED)
@@ -150,6 +153,29 @@ BEGIN
   RETURN billing._result('rejected', c.org_id, coalesce(p_failure_code, 'unknown'));
 END
 $$;
+
+-- Stripe accepted a claim's PaymentIntent but it is still processing: remember it, so the claim
+-- is never charged again; payment_intent.succeeded / payment_failed (or reconciliation) settle it.
+CREATE OR REPLACE FUNCTION api.mark_recharge_processing(claim_id bigint, payment_intent_id text)
+  RETURNS jsonb
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = ''
+AS $$
+DECLARE
+  c billing.recharge_claims;
+BEGIN
+  PERFORM billing._check_key('payment_intent_id', payment_intent_id);
+  UPDATE billing.recharge_claims AS rc
+     SET payment_intent_id = mark_recharge_processing.payment_intent_id, leased_until = NULL
+   WHERE rc.id = mark_recharge_processing.claim_id AND rc.status = 'pending'
+  RETURNING * INTO c;
+  IF NOT FOUND THEN
+    PERFORM billing._invalid('claim_id', 'no pending claim with this id');
+  END IF;
+  RETURN pg_catalog.jsonb_build_object('claim_id', c.id, 'status', c.status,
+                                       'payment_intent_id', c.payment_intent_id);
+END
+$$;
+GRANT EXECUTE ON FUNCTION api.mark_recharge_processing(bigint, text) TO service_role;
 
 -- The worker reports what Stripe answered for a claim's PaymentIntent.
 CREATE OR REPLACE FUNCTION api.record_recharge_result(

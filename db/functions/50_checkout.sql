@@ -44,8 +44,14 @@ BEGIN
     RAISE EXCEPTION USING ERRCODE = 'P0002', MESSAGE = 'no wallet for the caller''s organisation';
   END IF;
 
-  SELECT * INTO c FROM billing.checkout_requests AS cr
-   WHERE cr.org_id = v_org AND cr.client_request_id = begin_checkout.client_request_id;
+  -- This request id: its own row, or the row it was answered with from another tab.
+  SELECT cr.* INTO c FROM billing.checkout_requests AS cr
+   WHERE cr.org_id = v_org AND cr.client_request_id = begin_checkout.client_request_id
+  UNION ALL
+  SELECT cr.* FROM billing.checkout_aliases AS a
+    JOIN billing.checkout_requests AS cr ON cr.id = a.request_id
+   WHERE a.org_id = v_org AND a.client_request_id = begin_checkout.client_request_id
+  LIMIT 1;
   IF FOUND AND c.amount_minor <> begin_checkout.amount_minor THEN
     RETURN billing._checkout_answer(c, 'conflict');
   END IF;
@@ -56,8 +62,12 @@ BEGIN
        AND cr.status IN ('creating', 'open')
        AND cr.created_at > now() - s.checkout_dedupe_window
      ORDER BY cr.created_at DESC LIMIT 1;
+    IF FOUND THEN
+      INSERT INTO billing.checkout_aliases (org_id, client_request_id, request_id)
+      VALUES (v_org, begin_checkout.client_request_id, c.id);
+    END IF;
   END IF;
-  IF NOT FOUND THEN
+  IF c.id IS NULL THEN
     INSERT INTO billing.checkout_requests AS cr (
       org_id, client_request_id, amount_minor, currency, status, idempotency_key, lease_until,
       requested_by)

@@ -146,6 +146,7 @@ AS $$
 DECLARE
   v_answer jsonb;
   v_outcome text;
+  v_error text;
 BEGIN
   IF call IS NULL OR call ->> 'id' IS NULL THEN
     PERFORM billing._invalid('call', 'must be a Vapi call with an id');
@@ -153,8 +154,19 @@ BEGIN
   IF call ->> 'status' IS DISTINCT FROM 'ended' THEN
     v_outcome := 'not_ended';
   ELSE
-    v_answer := billing._charge_vapi_call(call, call ->> 'startedAt', call ->> 'endedAt', 'reconciliation');
-    v_outcome := billing._reconcile_outcome(v_answer);
+    BEGIN
+      v_answer := billing._charge_vapi_call(call, call ->> 'startedAt', call ->> 'endedAt', 'reconciliation');
+      v_outcome := billing._reconcile_outcome(v_answer);
+    EXCEPTION WHEN OTHERS THEN
+      -- One call that cannot be charged (its org has no wallet, say) must not stop the run:
+      -- it is recorded for an operator and the run goes on to the next call.
+      GET STACKED DIAGNOSTICS v_error = MESSAGE_TEXT;
+      v_outcome := 'unchargeable';
+      PERFORM billing._record_discrepancy(
+        run_id, 'vapi', 'unchargeable', call ->> 'id', NULL,
+        pg_catalog.jsonb_build_object('error', SQLSTATE || ': ' || v_error,
+                                      'org_id', billing._vapi_call_org(call), 'ended_at', call ->> 'endedAt'));
+    END;
     IF v_outcome = 'unattributed' THEN
       PERFORM billing._record_discrepancy(
         run_id, 'vapi', 'unattributed', call ->> 'id', NULL,

@@ -21,6 +21,16 @@ CREATE TABLE billing.checkout_requests (
 );
 CREATE INDEX checkout_requests_recent_idx ON billing.checkout_requests (org_id, amount_minor, created_at DESC);
 
+-- Another tab's request id answered with an existing session (the dedupe window): remembered,
+-- so that the same client_request_id keeps yielding that session after the window closes.
+CREATE TABLE billing.checkout_aliases (
+  org_id            uuid NOT NULL REFERENCES billing.wallets (org_id),
+  client_request_id uuid NOT NULL,
+  request_id        bigint NOT NULL REFERENCES billing.checkout_requests (id),
+  created_at        timestamptz NOT NULL DEFAULT now(),
+  PRIMARY KEY (org_id, client_request_id)
+);
+
 CREATE TABLE billing.recharge_claims (
   id                bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
   org_id            uuid NOT NULL REFERENCES billing.wallets (org_id),
