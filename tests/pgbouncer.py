@@ -98,8 +98,15 @@ def quote(value: str) -> str:
 class PgBouncer:
     """One pgbouncer process (foreground, so that it is ours to stop), transaction pooling."""
 
-    def __init__(self, server_url: str, *, default_pool_size: int = 4, max_client_conn: int = 200,
-                 pool_mode: str = "transaction", binary: str | None = None):
+    def __init__(
+        self,
+        server_url: str,
+        *,
+        default_pool_size: int = 4,
+        max_client_conn: int = 200,
+        pool_mode: str = "transaction",
+        binary: str | None = None,
+    ):
         self.binary = binary or require_pgbouncer()
         self.version = pgbouncer_version(self.binary)
         params = conninfo_to_dict(server_url)
@@ -119,8 +126,11 @@ class PgBouncer:
     # ------------------------------------------------------------------------ configuration
 
     def ini_text(self, port: int) -> str:
-        server = [f"host={quote(self.server_host)}", f"port={self.server_port}",
-                  f"user={quote(self.login_user)}"]
+        server = [
+            f"host={quote(self.server_host)}",
+            f"port={self.server_port}",
+            f"user={quote(self.login_user)}",
+        ]
         if self.server_password:
             server.append(f"password={quote(self.server_password)}")
         lines = [
@@ -180,8 +190,9 @@ class PgBouncer:
                 command += ["-u", self.user]
             command.append(str(ini))
             with open(self.log_path, "ab") as log:
-                self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                                stdin=subprocess.DEVNULL)
+                self.process = subprocess.Popen(
+                    command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                )
             if self._wait_listening(port):
                 self.port = port
                 return self
@@ -234,5 +245,7 @@ class PgBouncer:
     def url_for(self, db_url: str) -> str:
         """db_url's database through the pooler (trust: no password between client and pooler)."""
         dbname = conninfo_to_dict(db_url).get("dbname") or self.login_user
-        return (f"postgresql://{quote_url(self.login_user, safe='')}@127.0.0.1:{self.port}/"
-                f"{quote_url(dbname, safe='')}?sslmode=disable")
+        return (
+            f"postgresql://{quote_url(self.login_user, safe='')}@127.0.0.1:{self.port}/"
+            f"{quote_url(dbname, safe='')}?sslmode=disable"
+        )

@@ -54,12 +54,17 @@ def markdown_tables(text: str) -> list[tuple[list[str], list[list[str]]]]:
     return tables
 
 
-def the_table(first: str, must_have: str) -> list[dict]:
+def the_table(first: str, must_have: str, text: str | None = None) -> list[dict]:
     """The one doc table whose first header cell is `first` and that has a `must_have` column,
     as dicts keyed by lowercase header."""
-    found = [(h, rows) for h, rows in markdown_tables(DOC.read_text())
-             if h and h[0].lower() == first and must_have in [c.lower() for c in h]]
-    assert len(found) == 1, f"docs/scaling.md must hold exactly one table headed '| {first} | ... | {must_have} |'"
+    found = [
+        (h, rows)
+        for h, rows in markdown_tables(DOC.read_text() if text is None else text)
+        if h and h[0].lower() == first and must_have in [c.lower() for c in h]
+    ]
+    assert len(found) == 1, (
+        f"docs/scaling.md must hold exactly one table headed '| {first} | ... | {must_have} |'"
+    )
     header, rows = found[0]
     keys = [c.lower() for c in header]
     return [dict(zip(keys, row, strict=True)) for row in rows]
@@ -82,8 +87,8 @@ def classification() -> dict[str, str]:
     return classes
 
 
-def listed_exceptions() -> dict[str, dict]:
-    rows = the_table("constraint", "plan")
+def listed_exceptions(text: str | None = None) -> dict[str, dict]:
+    rows = the_table("constraint", "plan", text)
     listed = {code_name(r["constraint"]): r for r in rows}
     assert len(listed) == len(rows), "a constraint is listed twice in docs/scaling.md"
     for name, row in listed.items():
@@ -105,7 +110,8 @@ def function_placement() -> dict[str, str]:
 def billing_tables(db) -> dict[str, dict]:
     """Every table of schema billing (partitions excluded: the parent is what is distributed),
     with its org_id column, if any."""
-    rows = db.execute("""
+    rows = db.execute(
+        """
         SELECT c.oid, 'billing.' || c.relname AS name,
                (SELECT a.attnum FROM pg_attribute AS a
                  WHERE a.attrelid = c.oid AND a.attname = %s AND NOT a.attisdropped) AS org_attnum,
@@ -113,7 +119,9 @@ def billing_tables(db) -> dict[str, dict]:
                  WHERE a.attrelid = c.oid AND a.attname = %s AND NOT a.attisdropped) AS org_not_null
           FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
          WHERE n.nspname = 'billing' AND c.relkind IN ('r', 'p') AND NOT c.relispartition
-    """, (DISTRIBUTION_COLUMN, DISTRIBUTION_COLUMN)).fetchall()
+    """,
+        (DISTRIBUTION_COLUMN, DISTRIBUTION_COLUMN),
+    ).fetchall()
     return {r["name"]: r for r in rows}
 
 
@@ -121,7 +129,7 @@ def unique_indexes(db) -> list[dict]:
     """Every unique index (those behind PRIMARY KEY and UNIQUE constraints included) and every
     exclusion constraint of a billing table, with its key columns (None for an expression)."""
     return db.execute("""
-        SELECT i.indexrelid::regclass::text AS name, 'billing.' || t.relname AS table_name,
+        SELECT ic.relname::text AS name, 'billing.' || t.relname AS table_name,
                CASE WHEN i.indisprimary THEN 'primary key'
                     WHEN con.contype = 'u' THEN 'unique constraint'
                     WHEN con.contype = 'x' THEN 'exclusion constraint'
@@ -132,6 +140,7 @@ def unique_indexes(db) -> list[dict]:
                       WHERE k.n <= i.indnkeyatts
                       ORDER BY k.n) AS columns
           FROM pg_index AS i
+          JOIN pg_class AS ic ON ic.oid = i.indexrelid
           JOIN pg_class AS t ON t.oid = i.indrelid
           JOIN pg_namespace AS n ON n.oid = t.relnamespace
           LEFT JOIN pg_constraint AS con ON con.conindid = i.indexrelid AND con.contype IN ('p', 'u', 'x')
@@ -187,8 +196,10 @@ def blockers(db, classes: dict[str, str]) -> dict[str, str]:
     found = {}
     for index in unique_indexes(db):
         if classes.get(index["table_name"]) == "distributed" and DISTRIBUTION_COLUMN not in index["columns"]:
-            found[index["name"]] = (f"{index['kind']} on {index['table_name']} "
-                                    f"({', '.join(c or '<expression>' for c in index['columns'])}) lacks org_id")
+            found[index["name"]] = (
+                f"{index['kind']} on {index['table_name']} "
+                f"({', '.join(c or '<expression>' for c in index['columns'])}) lacks org_id"
+            )
     for fk in foreign_keys(db):
         source, target = classes.get(fk["table_name"]), classes.get(fk["target"])
         pairs = list(zip(fk["columns"], fk["target_columns"], strict=True))
@@ -209,7 +220,8 @@ def test_every_billing_table_is_classified_and_every_classified_table_exists(db)
     classes = classification()
     tables = billing_tables(db)
     assert sorted(set(tables) - set(classes)) == [], (
-        "new billing tables: classify them in docs/scaling.md (distributed / reference / local)")
+        "new billing tables: classify them in docs/scaling.md (distributed / reference / local)"
+    )
     assert sorted(set(classes) - set(tables)) == [], "docs/scaling.md classifies tables that no longer exist"
 
 
@@ -231,23 +243,36 @@ def test_org_scoped_tables_not_distributed_are_deliberate(db):
     kept_apart = sorted(name for name in with_org if classes.get(name) != "distributed")
     rows = {code_name(r["table"]): r["why"] for r in the_table("table", "class")}
     for name in kept_apart:
-        assert "org" in rows[name].lower(), f"{name} has org_id yet is not distributed: say why (mention the org)"
+        assert "org" in rows[name].lower(), (
+            f"{name} has org_id yet is not distributed: say why (mention the org)"
+        )
+
+
+def unplanned_and_stale(found: dict[str, str], listed: dict[str, dict]) -> tuple[dict, list]:
+    """Blockers the doc does not list, and listed names that do not block (or do not exist)."""
+    return (
+        {name: why for name, why in found.items() if name not in listed},
+        sorted(set(listed) - set(found)),
+    )
 
 
 def test_no_constraint_blocks_distribution_except_those_the_doc_plans_for(db):
     classes = classification()
     found = blockers(db, classes)
     listed = listed_exceptions()
-    unplanned = {name: why for name, why in found.items() if name not in listed}
+    unplanned, stale = unplanned_and_stale(found, listed)
     assert unplanned == {}, (
         "constraints that would block distribution by org_id: include org_id, or list them in "
-        "docs/scaling.md (constraint | table | blocks because | plan)")
-    stale = sorted(set(listed) - set(found))
-    assert stale == [], "docs/scaling.md lists constraints that no longer block (or no longer exist): remove them"
+        "docs/scaling.md (constraint | table | blocks because | plan)"
+    )
+    assert stale == [], (
+        "docs/scaling.md lists constraints that no longer block (or no longer exist): remove them"
+    )
     for name, row in listed.items():
         table = code_name(row["table"])
         owner = {i["name"]: i["table_name"] for i in unique_indexes(db)} | {
-            f["name"]: f["table_name"] for f in foreign_keys(db)}
+            f["name"]: f["table_name"] for f in foreign_keys(db)
+        }
         assert owner[name] == table, f"docs/scaling.md puts {name} on {table}, it is on {owner[name]}"
 
 
@@ -255,16 +280,19 @@ def test_every_api_function_with_an_org_id_argument_has_a_placement(db):
     placements = function_placement()
     functions = api_functions_with_org_id(db)
     assert sorted(set(functions) - set(placements)) == [], (
-        "api functions with an org_id argument: place them in docs/scaling.md (delegated / coordinator)")
+        "api functions with an org_id argument: place them in docs/scaling.md (delegated / coordinator)"
+    )
     assert sorted(set(placements) - set(functions)) == [], (
-        "docs/scaling.md places functions that no longer exist with an org_id argument")
+        "docs/scaling.md places functions that no longer exist with an org_id argument"
+    )
 
 
 def test_the_doc_delegation_ddl_names_existing_functions_by_their_org_id_argument(db):
     """The create_distributed_function calls in the doc are exactly the delegated functions."""
     calls = re.findall(
         r"create_distributed_function\(\s*'([^']+)'\s*,\s*'([^']+)'\s*,\s*colocate_with\s*:=\s*'([^']+)'",
-        DOC.read_text())
+        DOC.read_text(),
+    )
     assert calls, "docs/scaling.md shows no create_distributed_function call"
     functions = api_functions_with_org_id(db)
     delegated = {name for name, placement in function_placement().items() if placement == "delegated"}
@@ -274,7 +302,70 @@ def test_the_doc_delegation_ddl_names_existing_functions_by_their_org_id_argumen
         assert colocate_with == ANCHOR
 
 
-@pytest.mark.parametrize("table", ["billing.settings", "billing.webhook_events", "billing.reconciliation_runs",
-                                   "billing.discrepancies", "billing.vapi_routes"])
+@pytest.mark.parametrize(
+    "table",
+    [
+        "billing.settings",
+        "billing.webhook_events",
+        "billing.reconciliation_runs",
+        "billing.discrepancies",
+        "billing.vapi_routes",
+    ],
+)
 def test_the_tables_without_a_tenant_are_reference_or_local(table):
     assert classification()[table] in {"reference", "local"}
+
+
+# ---------------------------------------------------------------------------- the checker itself
+
+
+def test_the_checker_flags_what_citus_would_refuse(db):
+    """A new org table with an id primary key and a global unique column is unclassified, and
+    once classified distributed its two keys block; a foreign key carrying org_id on both sides
+    does not; a reference table pointing at wallets does."""
+    db.execute("""
+        CREATE TABLE billing.scratch_things (
+          id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+          org_id uuid NOT NULL REFERENCES billing.wallets (org_id),
+          ref text UNIQUE,
+          CONSTRAINT scratch_things_org_id_key UNIQUE (org_id, id));
+        CREATE TABLE billing.scratch_children (
+          org_id uuid NOT NULL,
+          thing_id bigint NOT NULL,
+          CONSTRAINT scratch_children_thing_fkey FOREIGN KEY (org_id, thing_id)
+            REFERENCES billing.scratch_things (org_id, id),
+          CONSTRAINT scratch_children_loose_fkey FOREIGN KEY (thing_id)
+            REFERENCES billing.scratch_things (id));
+    """)
+    assert {"billing.scratch_things", "billing.scratch_children"} <= set(billing_tables(db)) - set(
+        classification()
+    )
+
+    classes = dict(
+        classification(),
+        **{"billing.scratch_things": "distributed", "billing.scratch_children": "distributed"},
+    )
+    found = blockers(db, classes)
+    assert {"scratch_things_pkey", "scratch_things_ref_key", "scratch_children_loose_fkey"} <= set(found)
+    assert not {
+        "scratch_things_org_id_key",
+        "scratch_things_org_id_fkey",
+        "scratch_children_thing_fkey",
+    } & set(found)
+
+    classes["billing.scratch_things"] = "reference"
+    found = blockers(db, classes)
+    assert "scratch_things_org_id_fkey" in found  # reference -> distributed
+    assert "scratch_things_pkey" not in found  # a reference table may have any unique key
+
+
+def test_the_doc_cannot_rot(db):
+    """Dropping a planned row, or keeping a row for a constraint that is gone, both fail."""
+    text = DOC.read_text()
+    found = blockers(db, classification())
+    row = next(line for line in text.splitlines() if line.startswith("| `holds_purpose_ref_key`"))
+    unplanned, stale = unplanned_and_stale(found, listed_exceptions(text.replace(row + "\n", "")))
+    assert list(unplanned) == ["holds_purpose_ref_key"] and stale == []
+    ghost = row.replace("holds_purpose_ref_key", "holds_ghost_key")
+    unplanned, stale = unplanned_and_stale(found, listed_exceptions(text.replace(row, row + "\n" + ghost)))
+    assert unplanned == {} and stale == ["holds_ghost_key"]

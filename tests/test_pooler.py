@@ -72,7 +72,8 @@ def server_backends(db, *direct: psycopg.Connection) -> list[dict]:
     mine = [db.info.backend_pid] + [conn.info.backend_pid for conn in direct]
     return db.execute(
         "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-        "AND backend_type = 'client backend' AND pid <> ALL(%s)", (mine,)
+        "AND backend_type = 'client backend' AND pid <> ALL(%s)",
+        (mine,),
     ).fetchall()
 
 
@@ -92,7 +93,8 @@ def test_pgbouncer_runs_in_transaction_mode_on_loopback(pooler, pooler_url, db):
 
 
 def test_money_functions_through_the_pooler_with_four_times_more_clients_than_servers(
-        pooler, pooler_url, service, db):
+    pooler, pooler_url, service, db
+):
     """16 client connections, all open at once, share pgbouncer's 4 server connections; each
     client authorises, charges and credits calls on 4 orgs. Every call applies exactly once,
     a replay through the pooler is a duplicate, and the balances are exact."""
@@ -114,10 +116,13 @@ def test_money_functions_through_the_pooler_with_four_times_more_clients_than_se
                 call_id, seconds, credit = f"call-{n}-{i}-{uuid.uuid4()}", 17 + 13 * n + 7 * i, 100 + n + i
                 seen.add(conn.execute("SELECT pg_backend_pid() AS pid").fetchone()["pid"])
                 held = conn.execute("SELECT * FROM api.authorize_call(%s, %s, 10)", (org, call_id)).fetchone()
-                charged = conn.execute("SELECT * FROM api.deduct_call_credits(%s, %s, %s)",
-                                       (org, call_id, seconds)).fetchone()
-                credited = conn.execute("SELECT * FROM api.add_wallet_credits(%s, %s::bigint, %s)",
-                                        (org, credit, f"credit-{call_id}")).fetchone()
+                charged = conn.execute(
+                    "SELECT * FROM api.deduct_call_credits(%s, %s, %s)", (org, call_id, seconds)
+                ).fetchone()
+                credited = conn.execute(
+                    "SELECT * FROM api.add_wallet_credits(%s, %s::bigint, %s)",
+                    (org, credit, f"credit-{call_id}"),
+                ).fetchone()
                 assert charged["amount_minor"] == -call_cost(seconds)
                 mine["costs"] += call_cost(seconds)
                 mine["credits"] += credit
@@ -142,21 +147,27 @@ def test_money_functions_through_the_pooler_with_four_times_more_clients_than_se
         w = wallet(db, org)
         assert w["balance_minor"] == seed + plan[org]["credits"] - plan[org]["costs"]
         assert w["held_minor"] == 0
-    assert db.execute("SELECT count(*) AS n FROM billing.holds WHERE status <> 'captured'").fetchone()["n"] == 0
+    assert (
+        db.execute("SELECT count(*) AS n FROM billing.holds WHERE status <> 'captured'").fetchone()["n"] == 0
+    )
 
     # A retry through the pooler (on whichever server connection) is answered from the ledger.
     org = orgs[0]
     call_id, seconds = plan[org]["calls"][0]
     with connect(pooler_url) as conn:
-        again = conn.execute("SELECT * FROM api.deduct_call_credits(%s, %s, %s)", (org, call_id, seconds)).fetchone()
-        other = conn.execute("SELECT * FROM api.deduct_call_credits(%s, %s, %s)",
-                             (org, call_id, seconds + 1)).fetchone()
+        again = conn.execute(
+            "SELECT * FROM api.deduct_call_credits(%s, %s, %s)", (org, call_id, seconds)
+        ).fetchone()
+        other = conn.execute(
+            "SELECT * FROM api.deduct_call_credits(%s, %s, %s)", (org, call_id, seconds + 1)
+        ).fetchone()
     assert again["status"] == "duplicate" and again["amount_minor"] == -call_cost(seconds)
     assert other["status"] == "conflict" and other["reason"] == "different_request"
 
 
 def test_prepared_statements_break_in_transaction_mode_which_is_why_prepare_threshold_is_none(
-        start_pgbouncer, db_url, service):
+    start_pgbouncer, db_url, service
+):
     """pgbouncer hands each transaction the most recently used idle server connection (LIFO). A
     client that prepared a statement on server connection X, while another client holds X in a
     transaction, runs its next statement on Y, where that statement does not exist. The shim's
@@ -177,9 +188,11 @@ def test_prepared_statements_break_in_transaction_mode_which_is_why_prepare_thre
                 first.execute("SELECT 1")  # LIFO: takes the connection the statement lives on
                 return prepared.execute(query, (org,)).fetchone()  # runs on the other one
 
-    with connect(url, prepare_threshold=0) as always_prepares:
-        with pytest.raises(psycopg.errors.InvalidSqlStatementName):
-            interleave(always_prepares)
+    with (
+        connect(url, prepare_threshold=0) as always_prepares,
+        pytest.raises(psycopg.errors.InvalidSqlStatementName),
+    ):
+        interleave(always_prepares)
 
     with connect(url) as never_prepares:  # what shim.database.connect and shim.pool use
         assert interleave(never_prepares) == {"balance_minor": 10_000}
@@ -217,7 +230,10 @@ def test_shim_answers_signed_stripe_webhooks_through_the_pooler(pooled_app, serv
     assert again.status_code == 200 and again.json["status"] == "duplicate"
     # The same PaymentIntent through its own event: keyed on the PaymentIntent, credited once.
     intent = payloads.stripe_payment_intent(pi_id=pi, org_id=str(org), amount=2500)
-    assert post_stripe(client, stripe_event("payment_intent.succeeded", intent)).json["result"]["status"] == "duplicate"
+    assert (
+        post_stripe(client, stripe_event("payment_intent.succeeded", intent)).json["result"]["status"]
+        == "duplicate"
+    )
 
     # 12 concurrent deliveries of distinct payments, through 4 server connections.
     events = [stripe_event("checkout.session.completed", paid_checkout(org, 1000 + i)[0]) for i in range(12)]
@@ -230,12 +246,15 @@ def test_shim_answers_signed_stripe_webhooks_through_the_pooler(pooled_app, serv
     assert [a.status_code for a in answers] == [200] * 12
     assert {a.json["result"]["status"] for a in answers} == {"applied"}
     assert wallet(db, org)["balance_minor"] == 2500 + sum(1000 + i for i in range(12))
-    statuses = db.execute("SELECT status, count(*) AS n FROM billing.webhook_events GROUP BY status").fetchall()
+    statuses = db.execute(
+        "SELECT status, count(*) AS n FROM billing.webhook_events GROUP BY status"
+    ).fetchall()
     assert statuses == [{"status": "processed", "n": 14}]
 
 
-def test_top_up_acts_as_the_user_only_inside_its_transaction(start_pgbouncer, db_url, shim_config,
-                                                              service, db, fake_stripe):
+def test_top_up_acts_as_the_user_only_inside_its_transaction(
+    start_pgbouncer, db_url, shim_config, service, db, fake_stripe
+):
     """POST /top-ups becomes the user with set_config('role' / 'request.jwt.claims', ..., true):
     transaction-local, so nothing of it survives on the pooled server connection. With one
     server connection, every later client runs on the very backend the top-up used."""
@@ -255,13 +274,19 @@ def test_top_up_acts_as_the_user_only_inside_its_transaction(start_pgbouncer, db
     before = session_state()
     with open_pool(url, max_size=4) as pool:
         client = create_app(config, pool=pool).test_client()
-        answer = client.post("/top-ups", json={"amount_minor": 2500, "client_request_id": str(uuid.uuid4())},
-                             headers=bearer(supabase_token(org_a)))
+        answer = client.post(
+            "/top-ups",
+            json={"amount_minor": 2500, "client_request_id": str(uuid.uuid4())},
+            headers=bearer(supabase_token(org_a)),
+        )
         assert answer.status_code == 200 and answer.json["status"] == "created"
         after = session_state()
         # The next user's request on the same server connection is that user's, not org A's.
-        answer_b = client.post("/top-ups", json={"amount_minor": 3000, "client_request_id": str(uuid.uuid4())},
-                               headers=bearer(supabase_token(org_b)))
+        answer_b = client.post(
+            "/top-ups",
+            json={"amount_minor": 3000, "client_request_id": str(uuid.uuid4())},
+            headers=bearer(supabase_token(org_b)),
+        )
         assert answer_b.status_code == 200 and answer_b.json["session_id"] != answer.json["session_id"]
 
     assert after["pid"] == before["pid"]  # one server connection: the top-up ran on this backend
@@ -286,13 +311,16 @@ def test_top_up_acts_as_the_user_only_inside_its_transaction(start_pgbouncer, db
 # ---------------------------------------------------------------------------- (c) auto-recharge
 
 
-def test_auto_recharge_claim_under_advisory_xact_lock_through_the_pooler(pooler, pooler_url, shim_config,
-                                                                         service, db, fake_stripe):
+def test_auto_recharge_claim_under_advisory_xact_lock_through_the_pooler(
+    pooler, pooler_url, shim_config, service, db, fake_stripe
+):
     """50 concurrent charges from 16 client connections cross the threshold once: one pending
     claim (pg_advisory_xact_lock + the partial unique index), no advisory lock left on any pooled
     server connection, and the worker, itself on the pooler, makes one PaymentIntent."""
     org = open_wallet(service, balance_minor=4_000)
-    service.execute("SELECT * FROM api.set_payment_method(%s, 'cus_PoolerTest01', 'pm_card_visa_pooler')", (org,))
+    service.execute(
+        "SELECT * FROM api.set_payment_method(%s, 'cus_PoolerTest01', 'pm_card_visa_pooler')", (org,)
+    )
     with as_user(db, org, "owner", commit=True) as conn:
         conn.execute("SELECT * FROM api.configure_auto_recharge(true, 1000::bigint, 2000::bigint)")
 
@@ -305,8 +333,9 @@ def test_auto_recharge_claim_under_advisory_xact_lock_through_the_pooler(pooler,
             local.conn = connect(pooler_url)
             with opened_lock:
                 opened.append(local.conn)
-        return local.conn.execute("SELECT * FROM api.deduct_call_credits(%s, %s, 60)",
-                                  (org, f"call-{uuid.uuid4()}")).fetchone()["status"]
+        return local.conn.execute(
+            "SELECT * FROM api.deduct_call_credits(%s, %s, 60)", (org, f"call-{uuid.uuid4()}")
+        ).fetchone()["status"]
 
     try:
         with concurrent.futures.ThreadPoolExecutor(max_workers=16) as executor:
