@@ -1,8 +1,12 @@
-"""Cross-transaction gaps found by the transaction-boundary audit (docs/transaction-boundaries.md).
+"""Regression tests for the cross-transaction gaps G-1 .. G-4 found by the transaction-boundary
+audit (docs/transaction-boundaries.md, "Gaps found by the audit, and fixed").
 
 Each test states, in terms of money, what must hold when an operation fails or is retried
-between two transactions, and fails today because it does not. The fixes belong to the owners
-of the code named in each docstring; these tests are the acceptance check for them.
+between two transactions. Each failed when the audit wrote it; the gaps were fixed in commit
+f660bdf, and the tests keep them fixed. Each docstring names the code that was at fault, what
+went wrong, and what the code does now. What the fixes leave open (G-1's never-recorded
+PaymentIntent retried after 24 hours, the lack of an automated Twilio reconciliation) is not
+covered here and is listed in that document.
 """
 
 import contextlib
@@ -84,14 +88,15 @@ class DelayedNotificationStripe:
 
 
 def test_recharge_still_processing_after_its_key_expired_is_not_charged_again(service, db, pool):
-    """shim/recharge.py charge_claim + db/functions/40_recharge.sql api.lease_recharge_claims.
+    """G-1: shim/recharge.py charge_claim + db/functions/40_recharge.sql api.lease_recharge_claims.
 
     The worker confirms a claim's off-session PaymentIntent; Stripe answers `processing` (a
-    bank debit settles in up to 4 business days). charge_claim returns None, so nothing is
-    recorded: the claim stays pending and is re-leased every 2 minutes with the same key, which
-    Stripe replays. Once the key is older than 24 hours Stripe may prune it, and the next lease
-    creates a second PaymentIntent for the same claim: the customer is debited twice (and once
-    more every further day the first debit is still processing). One low balance, one charge."""
+    bank debit settles in up to 4 business days). Before the fix charge_claim returned None and
+    nothing was recorded: the claim was re-leased every 2 minutes with the same key, and once
+    Stripe pruned the key (after 24 hours) the next lease created a second PaymentIntent, so the
+    customer was debited twice. Now the PaymentIntent id is recorded on the claim
+    (api.mark_recharge_processing) and a claim with one is never leased again; its
+    payment_intent.* webhook or Stripe reconciliation settles it. One low balance, one charge."""
     org = open_wallet(service, balance_minor=3_000)
     service.execute(
         "SELECT * FROM api.set_payment_method(%s, 'cus_Delayed01', 'pm_usbankaccount_01')", (org,)
@@ -126,13 +131,14 @@ def test_recharge_still_processing_after_its_key_expired_is_not_charged_again(se
 
 
 def test_one_call_that_cannot_be_charged_does_not_stop_reconciling_the_others(service, db, pool, fake_vapi):
-    """shim/reconcile.py reconcile_vapi + db/functions/70_reconciliation.sql api.reconcile_vapi_call.
+    """G-2: shim/reconcile.py reconcile_vapi + db/functions/70_reconciliation.sql
+    api.reconcile_vapi_call.
 
     An ended call whose metadata names an org with no wallet makes _money_outcome raise P0002
-    inside api.reconcile_vapi_call. The webhook path stores such a call as failed and moves on
-    (api.ingest_webhook); reconciliation instead aborts the whole run, so every call it had not
-    reached yet is never charged: the revenue P0-5 reconciliation exists to recover is lost
-    again, for as long as that one call stays inside the lookback window."""
+    inside api.reconcile_vapi_call. Before the fix that aborted the whole run, so every call it
+    had not reached yet was never charged, for as long as that one call stayed inside the
+    lookback window. Now the error is caught in the function, recorded as an `unchargeable`
+    discrepancy, and the run charges the other calls and completes."""
     org = open_wallet(service, balance_minor=10_000)
     start = NOW - timedelta(hours=3)
     good = [
@@ -175,13 +181,14 @@ def _top_up(client, org, token, amount, request_id):
 
 
 def test_a_deduplicated_request_id_keeps_its_session_when_retried_later(client, service, db, fake_stripe):
-    """db/functions/50_checkout.sql api.begin_checkout (the dedupe-window branch).
+    """G-3: db/functions/50_checkout.sql api.begin_checkout (the dedupe-window branch).
 
     A second tab (request B) asking for the same amount within 60 s is answered with tab A's
-    open session, but nothing records that B was given it. When B's answer is lost and B
-    retries after the window, begin_checkout finds no row for B and creates a second open
-    Checkout Session for the same request: DESIGN.md's "the same client_request_id always
-    yields the same session while it is open" breaks, and the customer can pay both (P0-7)."""
+    open session. Before the fix nothing recorded that B was given it, so B's retry after the
+    window created a second open Checkout Session for the same request, which the customer could
+    pay too (P0-7). Now B is recorded in billing.checkout_aliases and begin_checkout looks it up
+    there: DESIGN.md's "the same client_request_id always yields the same session while it is
+    open" holds, with one Stripe create."""
     org = open_wallet(service)
     token = supabase_token(org)
     request_a, request_b = uuid.uuid4(), uuid.uuid4()
@@ -203,15 +210,16 @@ def test_a_deduplicated_request_id_keeps_its_session_when_retried_later(client, 
 
 
 def test_an_sms_whose_status_callback_never_came_is_not_silently_given_away(service, db):
-    """db/functions/30_holds.sql api.expire_holds (SMS holds) - no Twilio reconciliation exists.
+    """G-4: db/functions/30_holds.sql api.expire_holds (SMS holds).
 
     A registered SMS holds its cost until the status callback settles it. If that callback is
     lost (Twilio retries a failed connection once by default - "Retry count (rc) ... Default: 1",
     twilio.com/docs/usage/webhooks/webhooks-connection-overrides - so a database outage answered
-    503 can drop it), the hold expires after 24 h and is released: the message Twilio delivered,
-    and bills the platform for, is never charged, and nothing records it. Calls have the same
-    exposure and reconcile against GET /call; SMS must at least leave a trace that alerts
-    (an open discrepancy) or be settled from Twilio's own record."""
+    503 can drop it), the hold expires after 24 h and is released. Before the fix nothing
+    recorded that: the message Twilio bills the platform for was never charged. Now the expiry
+    records an open `unsettled_sms` discrepancy (provider twilio) that alerts, for an operator to
+    settle from Twilio's record. There is still no automated Twilio reconciliation; the test
+    accepts either a charge or the open discrepancy."""
     org = open_wallet(service, balance_minor=1_000)
     sid = payloads.twilio_sid("SM")
     registered = service.execute("SELECT * FROM api.register_sms(%s, %s, 2)", (org, sid)).fetchone()
