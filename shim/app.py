@@ -4,8 +4,8 @@ from flask import Flask
 from prometheus_client import CollectorRegistry
 
 from shim import http_errors, metrics, ops, topups, webhooks
-from shim.health import BillingHealthCollector
 from shim.config import Config
+from shim.health import BillingHealthCollector
 from shim.pool import open_pool
 
 # Providers send small JSON or forms; anything larger is refused with 413 before it is read.

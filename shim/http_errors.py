@@ -2,6 +2,7 @@
 database is unreachable so the provider retries; 400 for what a retry cannot fix."""
 
 import psycopg
+import stripe
 from flask import Flask, jsonify
 from psycopg_pool import PoolTimeout
 
@@ -52,6 +53,18 @@ def register(app: Flask) -> None:
     @app.errorhandler(psycopg.errors.InsufficientPrivilege)
     def forbidden(exc):
         return _answer(403, "forbidden", exc.diag.message_primary or str(exc))
+
+    @app.errorhandler(stripe.APIConnectionError)
+    @app.errorhandler(stripe.RateLimitError)
+    @app.errorhandler(stripe.APIError)
+    def stripe_unavailable(exc):
+        # Nothing was recorded as created; the request's key makes the retry safe.
+        return _answer(503, "stripe_unavailable", "Stripe did not answer; retry", **{"Retry-After": "2"})
+
+    @app.errorhandler(stripe.StripeError)
+    def stripe_refused(exc):
+        app.logger.error("Stripe refused a request: %s", exc)
+        return _answer(502, "stripe_error", exc.user_message or "Stripe refused the request")
 
     @app.errorhandler(413)
     def too_large(exc):

@@ -17,6 +17,10 @@ SELECT api.begin_checkout(%(amount_minor)s::bigint, %(client_request_id)s::uuid)
 -- Record the session Stripe created for a request.
 SELECT api.record_checkout_session(%(request_id)s::bigint, %(session_id)s::text, %(checkout_url)s::text, to_timestamp(%(expires_at)s::bigint)) AS answer
 
+-- name: release_checkout_lease
+-- Stripe could not create the session: let the retry take the lease at once.
+SELECT api.release_checkout_lease(%(request_id)s::bigint)
+
 -- name: retry_webhook_events
 -- The worker's pass over failed events that are due.
 SELECT api.retry_webhook_events(%(max_events)s::integer) AS counts

@@ -7,6 +7,7 @@ import json
 import time
 import uuid
 
+import stripe
 from flask import Blueprint, current_app, jsonify, request
 
 from shim.http_errors import BadRequest, require
@@ -96,7 +97,12 @@ def create_top_up():
     if answer["status"] == "pending":
         return jsonify({"error": "in_progress", "message": "the session is being created; retry"}), 503
     if answer["status"] == "create":
-        session = create_session(config, answer)
+        try:
+            session = create_session(config, answer)
+        except stripe.StripeError:
+            with pool.connection() as conn:
+                conn.execute(QUERIES["release_checkout_lease"], {"request_id": answer["request_id"]})
+            raise  # answered 503 (unreachable) or 502 (refused) by shim.http_errors
         with pool.connection() as conn:
             answer = conn.execute(
                 QUERIES["record_checkout_session"],

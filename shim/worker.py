@@ -4,7 +4,6 @@ events, releasing expired holds, charging auto-recharge claims, scheduled reconc
 
 import logging
 import time
-
 from datetime import datetime, timedelta
 
 from shim.config import Config
@@ -54,18 +53,52 @@ def reconcile_due(pool, config: Config) -> dict:
     return report
 
 
-def run_once(pool, config: Config) -> dict:
-    """One pass of every job; a job whose provider is not configured is skipped and said so."""
-    report = {}
+# Failed events are retried in small transactions, so that wallet locks are held briefly and a
+# statement timeout rolls back one batch, not the whole backlog.
+RETRY_BATCH = 50
+RETRY_MAX_PER_PASS = 500
+
+
+def retry_webhooks(pool, _config: Config) -> dict:
+    """Re-apply due failed events, batch by batch, until none is due or the pass's budget is spent."""
+    totals: dict[str, int] = {}
+    while sum(totals.values()) < RETRY_MAX_PER_PASS:
+        with pool.connection() as conn:
+            counts = conn.execute(QUERIES["retry_webhook_events"], {"max_events": RETRY_BATCH}).fetchone()["counts"]
+        for status, n in counts.items():
+            totals[status] = totals.get(status, 0) + n
+        if sum(counts.values()) < RETRY_BATCH:
+            break
+    return totals
+
+
+def expire_holds(pool, _config: Config) -> int:
+    """Free holds of calls and SMS never reported (an SMS's expiry is also recorded)."""
     with pool.connection() as conn:
-        report["webhooks_retried"] = conn.execute(
-            QUERIES["retry_webhook_events"], {"max_events": 500}).fetchone()["counts"]
-        report["holds_expired"] = conn.execute(QUERIES["expire_holds"]).fetchone()["expired"]
-    if config.stripe_api_key:
-        report["recharges"] = process_claims(pool, make_client(config))
-    else:
-        report["recharges"] = "skipped: STRIPE_API_KEY is not set"
-    report["reconciliation"] = reconcile_due(pool, config)
+        return conn.execute(QUERIES["expire_holds"]).fetchone()["expired"]
+
+
+def recharges(pool, config: Config):
+    """Charge due auto-recharge claims."""
+    if not config.stripe_api_key:
+        return "skipped: STRIPE_API_KEY is not set"
+    return process_claims(pool, make_client(config))
+
+
+JOBS = {"webhooks_retried": retry_webhooks, "holds_expired": expire_holds,
+        "recharges": recharges, "reconciliation": reconcile_due}
+
+
+def run_once(pool, config: Config) -> dict:
+    """One pass of every job. A job that fails (a revoked Stripe key, a provider outage) is
+    logged and reported; the jobs after it still run."""
+    report = {}
+    for name, job in JOBS.items():
+        try:
+            report[name] = job(pool, config)
+        except Exception as exc:  # one job's failure must not starve the others
+            log.exception("worker job %s failed", name)
+            report[name] = f"error: {type(exc).__name__}: {exc}"
     return report
 
 

@@ -160,3 +160,42 @@ def test_switching_auto_recharge_off_withdraws_the_unsent_claim(service, db, shi
     run_once(pool, shim_config)
     assert intents_created(fake_stripe) == 0
     assert wallet(db, org)["auto_recharge_failures"] == 0
+
+
+def test_revoked_stripe_key_fails_the_recharge_job_but_not_the_pass(service, db, shim_config, fake_stripe, pool,
+                                                                   monkeypatch):
+    """One job's failure is reported and the others still run (holds, webhooks, reconciliation)."""
+    import stripe
+
+    import shim.worker as worker
+
+    org = recharging_org(service, db)
+    charge_call(service, org, 60 * 30)
+
+    def revoked(*_):
+        raise stripe.AuthenticationError("Invalid API Key provided: sk_test_****")
+
+    monkeypatch.setattr(worker, "process_claims", revoked)
+    db.execute("UPDATE billing.holds SET expires_at = now() - interval '1 second'")
+    report = run_once(pool, shim_config)
+    assert report["recharges"].startswith("error: AuthenticationError")
+    assert isinstance(report["webhooks_retried"], dict) and "reconciliation" in report
+
+
+def test_customer_switching_off_during_a_deferred_attempt_withdraws_it_at_next_lease(
+        service, db, shim_config, fake_stripe, pool):
+    org = recharging_org(service, db)
+    charge_call(service, org, 60 * 30)
+    fake_stripe.control("fail", {"count": 10, "status": 500})
+    assert process_claims(pool, make_client(shim_config, max_network_retries=0))["deferred"] == 1
+    with as_user(db, org, "owner", commit=True) as conn:  # the claim is leased: not withdrawn here
+        conn.execute("SELECT * FROM api.configure_auto_recharge(false, 1000::bigint, 2000::bigint)")
+    assert claims(db, org)[0]["status"] == "pending"
+    db.execute("UPDATE billing.recharge_claims SET leased_until = now() - interval '1 second'")
+    assert process_claims(pool, make_client(shim_config))["leased"] == 0
+    (claim,) = claims(db, org)
+    assert claim["status"] == "failed" and claim["failure_code"] == "canceled_by_customer"
+    assert intents_created(fake_stripe) == 0
+    recharge_failures = service.execute(
+        "SELECT value FROM api.health_metrics() WHERE metric = 'recharge_failures_24h'").fetchone()["value"]
+    assert recharge_failures == 0  # withdrawn by the customer is not a failure

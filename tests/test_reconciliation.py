@@ -210,3 +210,17 @@ def test_failed_runs_are_retried_after_ten_minutes_not_every_pass(service, db):
     assert not due()
     db.execute("UPDATE billing.reconciliation_runs SET started_at = now() - interval '11 minutes'")
     assert due()
+
+
+def test_events_waiting_in_the_inbox_are_not_counted_as_applied(client, service, db, fake_stripe, shim_config, pool):
+    """A payment whose event is stored 'failed' (no wallet yet) is not 'already applied'."""
+    from tests.senders import paid_checkout, stripe_event
+
+    session, _ = paid_checkout(uuid.uuid4(), 2500)
+    event = stripe_event("checkout.session.completed", session)
+    fake_stripe.control("insert_event", {"type": event["type"], "data": event["data"], "id": event["id"]})
+    from tests.senders import post_stripe
+
+    assert post_stripe(client, event).json["status"] == "failed"
+    run = reconcile_stripe(pool, make_client(shim_config), timedelta(days=1))
+    assert run["seen"] == 1 and run["already_applied"] == 0 and run["recovered"] == 0

@@ -139,3 +139,20 @@ def test_expired_session_gets_a_new_attempt_under_a_new_key(client, service, db,
     row = db.execute("SELECT attempt, idempotency_key FROM billing.checkout_requests").fetchone()
     assert row["attempt"] == 2 and row["idempotency_key"].endswith("-2")
     assert creations(fake_stripe)["created"] == 2
+
+
+def test_stripe_unreachable_is_503_and_the_retry_gets_one_session(client, service, fake_stripe, monkeypatch):
+    """Stripe fails the create: the customer gets a 503 to retry, the lease is given back at
+    once, and the retry creates the one session under the same key."""
+    import shim.topups
+
+    org = open_wallet(service)
+    request_id = uuid.uuid4()
+    real = shim.topups.make_client
+    monkeypatch.setattr(shim.topups, "make_client", lambda config: real(config, max_network_retries=0))
+    fake_stripe.control("fail", {"count": 1, "status": 500, "path_prefix": "/v1/checkout"})
+    outage = top_up(client, org, request_id=request_id)
+    assert outage.status_code == 503 and outage.headers["Retry-After"]
+    retried = top_up(client, org, request_id=request_id)
+    assert retried.status_code == 200 and retried.json["status"] == "created"
+    assert creations(fake_stripe)["created"] == 1

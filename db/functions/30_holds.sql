@@ -242,7 +242,8 @@ BEGIN
     RETURN billing._result('conflict', w.org_id, 'other_org');
   ELSIF h.status <> 'open' THEN
     RETURN billing._result('duplicate', w.org_id,
-      CASE h.status WHEN 'captured' THEN 'already_charged' WHEN 'rejected' THEN h.reason END,
+      CASE h.status WHEN 'captured' THEN 'already_charged' WHEN 'rejected' THEN h.reason
+                    WHEN 'expired' THEN 'hold_expired' END,
       NULL, h.amount_minor);
   END IF;
   PERFORM billing._settle_hold(h.id, 'released');

@@ -56,6 +56,13 @@ BEGIN
   IF max_claims IS NULL OR max_claims NOT BETWEEN 1 AND 1000 THEN
     PERFORM billing._invalid('max_claims', 'must be between 1 and 1000');
   END IF;
+  -- Auto-recharge switched off since the claim was taken (its attempt deferred): withdrawn.
+  UPDATE billing.recharge_claims AS rc
+     SET status = 'failed', failure_code = 'canceled_by_customer', settled_at = now(), leased_until = NULL
+    FROM billing.wallets AS w
+   WHERE w.org_id = rc.org_id AND NOT w.auto_recharge_enabled
+     AND rc.status = 'pending' AND rc.payment_intent_id IS NULL
+     AND (rc.leased_until IS NULL OR rc.leased_until < now());
   RETURN QUERY
     WITH due AS (
       SELECT c.id FROM billing.recharge_claims AS c
@@ -169,7 +176,11 @@ BEGIN
    WHERE rc.id = mark_recharge_processing.claim_id AND rc.status = 'pending'
   RETURNING * INTO c;
   IF NOT FOUND THEN
-    PERFORM billing._invalid('claim_id', 'no pending claim with this id');
+    -- Settled meanwhile (its webhook overtook the worker): say how, change nothing.
+    SELECT * INTO c FROM billing.recharge_claims AS rc WHERE rc.id = mark_recharge_processing.claim_id;
+    IF NOT FOUND THEN
+      PERFORM billing._invalid('claim_id', 'no claim with this id');
+    END IF;
   END IF;
   RETURN pg_catalog.jsonb_build_object('claim_id', c.id, 'status', c.status,
                                        'payment_intent_id', c.payment_intent_id);

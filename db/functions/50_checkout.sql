@@ -132,3 +132,14 @@ BEGIN
 END
 $$;
 GRANT EXECUTE ON FUNCTION api.record_checkout_session(bigint, text, text, timestamptz) TO service_role;
+
+-- The lease holder could not create the session (Stripe unreachable): give the lease back so the
+-- customer's retry proceeds at once, under the same idempotency key.
+CREATE OR REPLACE FUNCTION api.release_checkout_lease(request_id bigint)
+  RETURNS void
+  LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = ''
+AS $$
+  UPDATE billing.checkout_requests AS cr SET lease_until = now(), updated_at = now()
+   WHERE cr.id = release_checkout_lease.request_id AND cr.status = 'creating'
+$$;
+GRANT EXECUTE ON FUNCTION api.release_checkout_lease(bigint) TO service_role;

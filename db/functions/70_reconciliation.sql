@@ -70,6 +70,9 @@ CREATE OR REPLACE FUNCTION billing._reconcile_outcome(p_answer jsonb)
   LANGUAGE sql IMMUTABLE SECURITY INVOKER SET search_path = ''
 AS $$
   SELECT CASE
+    -- Already in the inbox but not applied (waiting for the worker, or dead): not 'applied'.
+    WHEN p_answer ->> 'status' = 'duplicate' AND p_answer ->> 'event_status' IN ('failed', 'dead')
+      THEN 'in_inbox_' || (p_answer ->> 'event_status')
     WHEN p_answer ->> 'status' = 'duplicate' THEN 'already_applied'
     WHEN p_answer -> 'result' ->> 'status' = 'applied' THEN 'recovered'
     WHEN p_answer -> 'result' ->> 'status' = 'duplicate' THEN 'already_applied'

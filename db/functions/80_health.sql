@@ -101,6 +101,7 @@ AS $$
              GROUP BY p.provider
   UNION ALL SELECT 'recharge_failures_24h', 'stripe', count(*) FROM billing.recharge_claims AS c
              WHERE c.status = 'failed' AND c.settled_at > now() - interval '24 hours'
+               AND c.failure_code IS DISTINCT FROM 'canceled_by_customer'
   UNION ALL SELECT 'recharge_pending', 'stripe', count(*) FROM billing.recharge_claims AS c
              WHERE c.status = 'pending'
   UNION ALL SELECT 'auto_recharge_disabled', NULL, count(*) FROM billing.wallets AS w
