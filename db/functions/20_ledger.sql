@@ -20,12 +20,16 @@ AS $$
 DECLARE
   e billing.ledger_entries;
 BEGIN
-  SELECT * INTO e FROM billing.ledger_entries
-   WHERE org_id = p_org_id AND idempotency_key = p_key;
-  IF NOT FOUND AND p_provider_ref IS NOT NULL THEN
+  -- The provider object first: it is unique across orgs, and for provider-keyed entries the
+  -- key is the reference, so one index probe answers both questions.
+  IF p_provider_ref IS NOT NULL THEN
     SELECT * INTO e FROM billing.ledger_entries WHERE provider_ref = p_provider_ref;
   END IF;
-  IF NOT FOUND THEN
+  IF e.id IS NULL AND p_key IS DISTINCT FROM p_provider_ref THEN
+    SELECT * INTO e FROM billing.ledger_entries
+     WHERE org_id = p_org_id AND idempotency_key = p_key;
+  END IF;
+  IF e.id IS NULL THEN
     RETURN NULL;
   END IF;
 
@@ -112,7 +116,9 @@ BEGIN
     END IF;
   END IF;
 
-  IF p_amount_minor < 0 THEN
+  -- Checked here first so that the common case (no recharge due) costs no further query.
+  IF p_amount_minor < 0 AND w.auto_recharge_enabled
+     AND w.balance_minor < w.auto_recharge_threshold_minor THEN
     PERFORM billing._maybe_claim_recharge(p_org_id);
   END IF;
   RETURN CASE WHEN v_over_limit THEN 'debt_limit_exceeded' END;
@@ -149,7 +155,6 @@ BEGIN
                            p_provider_ref, p_details, p_occurred_at);
   IF r.status = 'applied' THEN
     r.reason := billing._after_balance_change(p_org_id, p_amount_minor);
-    r.balance_minor := (SELECT balance_minor FROM billing.wallets WHERE org_id = p_org_id);
   END IF;
   RETURN r;
 END

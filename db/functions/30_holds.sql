@@ -211,7 +211,6 @@ BEGIN
     PERFORM billing._settle_hold(h.id, 'captured');
   END IF;
   r.reason := billing._after_balance_change(w.org_id, -v_cost);
-  r.balance_minor := (SELECT wl.balance_minor FROM billing.wallets AS wl WHERE wl.org_id = w.org_id);
   RETURN r;
 END
 $$;
@@ -337,7 +336,6 @@ BEGIN
     IF r.status = 'applied' THEN
       PERFORM billing._settle_hold(h.id, 'captured');
       r.reason := billing._after_balance_change(h.org_id, -h.amount_minor);
-      r.balance_minor := (SELECT balance_minor FROM billing.wallets WHERE org_id = h.org_id);
     END IF;
     RETURN r;
   ELSIF p_status IN ('failed', 'undelivered', 'canceled') THEN

@@ -77,7 +77,7 @@ AS $$
   reconciled AS (
     SELECT p.provider,
            EXTRACT(EPOCH FROM now() - max(r.finished_at)) AS age,
-           (SELECT min(le.created_at) FROM billing.ledger_entries AS le) AS ledger_since
+           (SELECT le.created_at FROM billing.ledger_entries AS le ORDER BY le.id LIMIT 1) AS ledger_since
       FROM (VALUES ('stripe'), ('vapi')) AS p(provider)
       LEFT JOIN billing.reconciliation_runs AS r ON r.provider = p.provider AND r.status = 'completed'
      GROUP BY p.provider)

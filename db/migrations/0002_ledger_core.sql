@@ -123,7 +123,6 @@ CREATE TABLE billing.ledger_entries (
 CREATE UNIQUE INDEX ledger_entries_provider_ref_key
   ON billing.ledger_entries (provider_ref) WHERE provider_ref IS NOT NULL;
 CREATE INDEX ledger_entries_org_id_idx ON billing.ledger_entries (org_id, id DESC);
-CREATE INDEX ledger_entries_created_at_idx ON billing.ledger_entries (created_at);
 
 -- Open reservations for calls and SMS in flight; also remembers rejected authorisations so that
 -- a retry with the same call id stays rejected.
