@@ -97,7 +97,7 @@ DECLARE
 BEGIN
   SELECT * INTO c FROM billing.recharge_claims WHERE id = p_claim_id;
   IF NOT FOUND THEN
-    PERFORM billing._invalid('recharge_claim_id', pg_catalog.format('no claim %s', p_claim_id));
+    PERFORM billing._invalid('claim_id', pg_catalog.format('no claim %s', p_claim_id));
   END IF;
   r := billing._credit_stripe_payment(c.org_id, p_payment_intent_id, p_amount_minor, p_currency,
                                       'auto_recharge', p_details, p_occurred_at);
@@ -126,7 +126,7 @@ DECLARE
 BEGIN
   SELECT * INTO c FROM billing.recharge_claims WHERE id = p_claim_id;
   IF NOT FOUND THEN
-    PERFORM billing._invalid('recharge_claim_id', pg_catalog.format('no claim %s', p_claim_id));
+    PERFORM billing._invalid('claim_id', pg_catalog.format('no claim %s', p_claim_id));
   END IF;
   w := billing._lock_wallet(c.org_id);
   UPDATE billing.recharge_claims

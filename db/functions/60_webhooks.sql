@@ -129,10 +129,16 @@ BEGIN
   END IF;
   IF p_refund ->> 'status' IN ('failed', 'canceled') THEN
     IF NOT EXISTS (SELECT 1 FROM billing.ledger_entries WHERE provider_ref = 'stripe:refund:' || v_id) THEN
-      RETURN billing._outcome('ignored', NULL, NULL, 'refund_never_debited');
+      -- Failed before we debited it: remember, so that a late refund.created debits nothing.
+      INSERT INTO billing.failed_refunds (refund_id, status) VALUES (v_id, p_refund ->> 'status')
+      ON CONFLICT DO NOTHING;
+      RETURN billing._outcome('ignored', NULL, NULL, 'refund_failed_before_debit');
     END IF;
     RETURN billing._stripe_adjustment(v_pi, v_amount, p_refund ->> 'currency', 'refund_reversal',
                                       'stripe:refund:' || v_id || ':reversed', p_refund);
+  END IF;
+  IF EXISTS (SELECT 1 FROM billing.failed_refunds WHERE refund_id = v_id) THEN
+    RETURN billing._outcome('ignored', NULL, NULL, 'refund_already_failed');
   END IF;
   RETURN billing._stripe_adjustment(v_pi, -v_amount, p_refund ->> 'currency', 'refund',
                                     'stripe:refund:' || v_id, p_refund);
@@ -236,6 +242,10 @@ BEGIN
 
   WHEN p_type IN ('refund.created', 'refund.updated', 'refund.failed', 'charge.refund.updated') THEN
     RETURN billing._apply_stripe_refund(o);
+
+  WHEN p_type = 'charge.dispute.created' AND o ->> 'status' LIKE 'warning\_%' THEN
+    -- An inquiry (warning_needs_response, ...): Stripe withdraws no funds for it.
+    RETURN billing._outcome('ignored', NULL, NULL, 'inquiry_no_funds_withdrawn');
 
   WHEN p_type IN ('charge.dispute.created', 'charge.dispute.funds_withdrawn') THEN
     RETURN billing._stripe_adjustment(o ->> 'payment_intent', -(o ->> 'amount')::bigint,
