@@ -22,9 +22,20 @@ def gunicorn_argv(port: int, workers: int = 2, threads: int = 8) -> list[str]:
     """The production server command: gunicorn, threaded workers (requests mostly wait on the
     database), bodies capped by the app itself."""
     return [
-        sys.executable, "-m", "gunicorn", "shim.app:create_app()",
-        "--bind", f"0.0.0.0:{port}", "--workers", str(workers), "--threads", str(threads),
-        "--access-logfile", "-", "--graceful-timeout", "20",
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "shim.app:create_app()",
+        "--bind",
+        f"0.0.0.0:{port}",
+        "--workers",
+        str(workers),
+        "--threads",
+        str(threads),
+        "--access-logfile",
+        "-",
+        "--graceful-timeout",
+        "20",
     ]
 
 
@@ -115,8 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     reconcile = sub.add_parser("reconcile", help=cmd_reconcile.__doc__)
     reconcile.add_argument("provider", choices=["stripe", "vapi"])
     reconcile.add_argument("--since", default=None, help="how far back: 7d, 24h, 90m (default: 7d / 24h)")
-    reconcile.add_argument("--resume", action="store_true",
-                           help="continue the latest failed run over its own window")
+    reconcile.add_argument(
+        "--resume", action="store_true", help="continue the latest failed run over its own window"
+    )
     reconcile.set_defaults(func=cmd_reconcile)
     sub.add_parser("health", help=cmd_health.__doc__).set_defaults(func=cmd_health)
     demo = sub.add_parser("demo", help=cmd_demo.__doc__)

@@ -39,12 +39,16 @@ class BillingHealthCollector(Collector):
         families = {}
         for row in metrics:
             name = f"creditledger_{row['metric']}"
-            family = families.setdefault(name, GaugeMetricFamily(name, row["metric"].replace("_", " "),
-                                                                 labels=["provider"]))
+            family = families.setdefault(
+                name, GaugeMetricFamily(name, row["metric"].replace("_", " "), labels=["provider"])
+            )
             family.add_metric([row["provider"] or ""], row["value"])
         yield from families.values()
-        firing = GaugeMetricFamily("creditledger_alert_firing", "1 when the alert's condition holds now",
-                                   labels=["alert", "provider"])
+        firing = GaugeMetricFamily(
+            "creditledger_alert_firing",
+            "1 when the alert's condition holds now",
+            labels=["alert", "provider"],
+        )
         for row in alerts:
             firing.add_metric([row["alert"], row["provider"] or ""], 1 if row["firing"] else 0)
         yield firing
@@ -67,7 +71,9 @@ def report(pool, compact: bool = False) -> tuple[str, bool]:
             continue
         state = "FIRING" if row["firing"] else "ok"
         where = f"{{{row['provider']}}}" if row["provider"] else ""
-        lines.append(f"  {state:<7} {row['alert']}{where}: value {row['value']:g}, threshold {row['threshold']:g}")
+        lines.append(
+            f"  {state:<7} {row['alert']}{where}: value {row['value']:g}, threshold {row['threshold']:g}"
+        )
     lines.append("")
     lines.append(f"{len(firing)} alert(s) firing" if firing else "all clear")
     return "\n".join(lines), bool(firing)

@@ -43,8 +43,9 @@ def register(app: Flask) -> None:
     @app.errorhandler(psycopg.OperationalError)
     def database_unavailable(exc):
         app.logger.warning("database unavailable: %s", exc)
-        return _answer(503, "database_unavailable", "the database is unreachable; retry later",
-                       **{"Retry-After": "5"})
+        return _answer(
+            503, "database_unavailable", "the database is unreachable; retry later", **{"Retry-After": "5"}
+        )
 
     @app.errorhandler(psycopg.errors.InvalidParameterValue)
     def invalid_parameter(exc):

@@ -17,12 +17,18 @@ def install(app: Flask, registry: CollectorRegistry) -> None:
         multiprocess.MultiProcessCollector(registry)
         registry = None  # samples go to the shared files, not to this worker's registry
     requests_total = Counter(
-        "creditledger_http_requests_total", "HTTP requests by endpoint and status code",
-        ["endpoint", "code"], registry=registry)
+        "creditledger_http_requests_total",
+        "HTTP requests by endpoint and status code",
+        ["endpoint", "code"],
+        registry=registry,
+    )
     latency = Histogram(
-        "creditledger_http_request_seconds", "HTTP request latency by endpoint",
-        ["endpoint"], registry=registry,
-        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+        "creditledger_http_request_seconds",
+        "HTTP request latency by endpoint",
+        ["endpoint"],
+        registry=registry,
+        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+    )
 
     @app.before_request
     def start_timer():

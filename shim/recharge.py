@@ -19,8 +19,13 @@ def charge_claim(client: stripe.StripeClient, claim: dict) -> dict:
     """Charge one claim's saved card off-session; return what to record (an outcome of
     succeeded, failed or processing), or None when Stripe could not be reached (the claim's
     lease expires and it is retried with the same key)."""
-    recorded = {"claim_id": claim["claim_id"], "payment_intent_id": None, "amount_minor": None,
-                "currency": None, "failure_code": None}
+    recorded = {
+        "claim_id": claim["claim_id"],
+        "payment_intent_id": None,
+        "amount_minor": None,
+        "currency": None,
+        "failure_code": None,
+    }
     try:
         intent = client.v1.payment_intents.create(
             params={
@@ -31,8 +36,7 @@ def charge_claim(client: stripe.StripeClient, claim: dict) -> dict:
                 "off_session": True,
                 "confirm": True,
                 "description": "Automatic credit recharge",
-                "metadata": {"org_id": str(claim["org_id"]),
-                             "recharge_claim_id": str(claim["claim_id"])},
+                "metadata": {"org_id": str(claim["org_id"]), "recharge_claim_id": str(claim["claim_id"])},
             },
             options={"idempotency_key": claim["idempotency_key"]},
         )
@@ -40,11 +44,15 @@ def charge_claim(client: stripe.StripeClient, claim: dict) -> dict:
         # A decline (card_declined, authentication_required, ...): the claim fails and cools down.
         error = exc.error
         intent_id = error.payment_intent.id if error and error.payment_intent else None
-        return recorded | {"outcome": "failed", "payment_intent_id": intent_id,
-                           "failure_code": exc.code or "card_error"}
+        return recorded | {
+            "outcome": "failed",
+            "payment_intent_id": intent_id,
+            "failure_code": exc.code or "card_error",
+        }
     except (stripe.RateLimitError, stripe.APIConnectionError, stripe.APIError) as exc:
-        log.warning("recharge claim %s: Stripe unavailable (%s); retried after its lease",
-                    claim["claim_id"], exc)
+        log.warning(
+            "recharge claim %s: Stripe unavailable (%s); retried after its lease", claim["claim_id"], exc
+        )
         return None
     except (stripe.InvalidRequestError, stripe.IdempotencyError) as exc:
         # e.g. the saved card changed since the key was first used: this claim cannot be sent
@@ -52,12 +60,18 @@ def charge_claim(client: stripe.StripeClient, claim: dict) -> dict:
         return recorded | {"outcome": "failed", "failure_code": exc.code or "invalid_request"}
 
     if intent.status == "succeeded":
-        return recorded | {"outcome": "succeeded", "payment_intent_id": intent.id,
-                           "amount_minor": intent.amount_received or intent.amount,
-                           "currency": intent.currency}
+        return recorded | {
+            "outcome": "succeeded",
+            "payment_intent_id": intent.id,
+            "amount_minor": intent.amount_received or intent.amount,
+            "currency": intent.currency,
+        }
     if intent.status in ("requires_action", "requires_payment_method"):
-        return recorded | {"outcome": "failed", "payment_intent_id": intent.id,
-                           "failure_code": "authentication_required"}
+        return recorded | {
+            "outcome": "failed",
+            "payment_intent_id": intent.id,
+            "failure_code": "authentication_required",
+        }
     # processing (a bank debit): remembered on the claim, settled by the payment_intent.* webhook.
     return recorded | {"outcome": "processing", "payment_intent_id": intent.id}
 

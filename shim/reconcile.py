@@ -18,10 +18,18 @@ log = logging.getLogger(__name__)
 
 # The event types api.ingest_webhook acts on (GET /v1/events accepts up to 20 in `types`).
 STRIPE_EVENT_TYPES = [
-    "checkout.session.completed", "checkout.session.async_payment_succeeded",
-    "payment_intent.succeeded", "payment_intent.payment_failed",
-    "charge.refunded", "refund.created", "refund.updated", "refund.failed", "charge.refund.updated",
-    "charge.dispute.created", "charge.dispute.funds_withdrawn", "charge.dispute.funds_reinstated",
+    "checkout.session.completed",
+    "checkout.session.async_payment_succeeded",
+    "payment_intent.succeeded",
+    "payment_intent.payment_failed",
+    "charge.refunded",
+    "refund.created",
+    "refund.updated",
+    "refund.failed",
+    "charge.refund.updated",
+    "charge.dispute.created",
+    "charge.dispute.funds_withdrawn",
+    "charge.dispute.funds_reinstated",
     "charge.dispute.closed",
 ]
 # Stripe keeps events for 30 days (https://docs.stripe.com/api/events/list).
@@ -44,14 +52,16 @@ def start_run(pool, provider: str, window_start: datetime, window_end: datetime)
     with pool.connection() as conn:
         return conn.execute(
             "SELECT api.start_reconciliation_run(%s::text, %s::timestamptz, %s::timestamptz) AS run",
-            (provider, window_start, window_end)).fetchone()["run"]
+            (provider, window_start, window_end),
+        ).fetchone()["run"]
 
 
 def finish_run(pool, run_id: int, error: str | None = None) -> dict:
     with pool.connection() as conn:
         return conn.execute(
             "SELECT api.finish_reconciliation_run(%s::bigint, %s::text, %s::text) AS run",
-            (run_id, "failed" if error else "completed", error)).fetchone()["run"]
+            (run_id, "failed" if error else "completed", error),
+        ).fetchone()["run"]
 
 
 def run_window(pool, provider: str, window_start: datetime, window_end: datetime, body) -> dict:
@@ -67,19 +77,24 @@ def run_window(pool, provider: str, window_start: datetime, window_end: datetime
 
 # ---------------------------------------------------------------------------- Stripe
 
+
 def _stripe_page(client: stripe.StripeClient, params: dict):
     def fetch():
         try:
             return client.v1.events.list(params=params)
         except (stripe.RateLimitError, stripe.APIConnectionError, stripe.APIError) as exc:
             raise RetryableError(str(exc)) from exc
+
     return with_backoff(fetch, retryable=(RetryableError,))
 
 
 def stripe_events(client: stripe.StripeClient, window_start: datetime, window_end: datetime):
     """Every handled event created in the window, newest first, one page at a time."""
-    params = {"types": STRIPE_EVENT_TYPES, "limit": STRIPE_PAGE_SIZE,
-              "created": {"gte": int(window_start.timestamp()), "lte": int(window_end.timestamp())}}
+    params = {
+        "types": STRIPE_EVENT_TYPES,
+        "limit": STRIPE_PAGE_SIZE,
+        "created": {"gte": int(window_start.timestamp()), "lte": int(window_end.timestamp())},
+    }
     while True:
         page = _stripe_page(client, params)
         yield from page.data
@@ -98,8 +113,9 @@ def payment_intent_of(event: dict) -> str | None:
     return None
 
 
-def reconcile_stripe(pool, client: stripe.StripeClient, since: timedelta,
-                     now: datetime | None = None) -> dict:
+def reconcile_stripe(
+    pool, client: stripe.StripeClient, since: timedelta, now: datetime | None = None
+) -> dict:
     """Feed Stripe's events of the window through the webhook path; then report phantoms."""
     window_end = now or datetime.now(UTC)
     window_start = window_end - min(since, STRIPE_EVENTS_MAX_AGE)
@@ -111,18 +127,21 @@ def reconcile_stripe(pool, client: stripe.StripeClient, since: timedelta,
         with pool.connection() as conn:
             for event in stripe_events(client, window_start, end):
                 payload = event.to_dict()
-                conn.execute("SELECT api.reconcile_stripe_event(%s::bigint, %s::jsonb)",
-                             (run_id, Jsonb(payload)))
+                conn.execute(
+                    "SELECT api.reconcile_stripe_event(%s::bigint, %s::jsonb)", (run_id, Jsonb(payload))
+                )
                 if intent := payment_intent_of(payload):
                     known.add(intent)
             if not resume_cursor:  # a resumed run saw only part of the window: no phantom verdicts
-                conn.execute("SELECT api.record_stripe_phantoms(%s::bigint, %s::text[])",
-                             (run_id, sorted(known)))
+                conn.execute(
+                    "SELECT api.record_stripe_phantoms(%s::bigint, %s::text[])", (run_id, sorted(known))
+                )
 
     return run_window(pool, "stripe", window_start, window_end, body)
 
 
 # ---------------------------------------------------------------------------- Vapi
+
 
 def _iso(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -138,14 +157,23 @@ class VapiCalls:
 
     def page(self, updated_after: datetime, updated_before: datetime, limit: int = VAPI_PAGE_LIMIT) -> list:
         def fetch():
-            answer = self.session.get(f"{self.base_url}/call", timeout=30, params={
-                "updatedAtGt": _iso(updated_after), "updatedAtLt": _iso(updated_before), "limit": limit})
+            answer = self.session.get(
+                f"{self.base_url}/call",
+                timeout=30,
+                params={
+                    "updatedAtGt": _iso(updated_after),
+                    "updatedAtLt": _iso(updated_before),
+                    "limit": limit,
+                },
+            )
             if answer.status_code == 429 or answer.status_code >= 500:
                 retry_after = answer.headers.get("Retry-After")
-                raise RetryableError(f"GET /call answered {answer.status_code}",
-                                     float(retry_after) if retry_after else None)
+                raise RetryableError(
+                    f"GET /call answered {answer.status_code}", float(retry_after) if retry_after else None
+                )
             answer.raise_for_status()
             return answer.json()
+
         return with_backoff(fetch, retryable=(RetryableError, requests.ConnectionError))
 
     def in_window(self, start: datetime, end: datetime, limit: int = VAPI_PAGE_LIMIT):
@@ -160,8 +188,9 @@ class VapiCalls:
         yield from self.in_window(middle, end, limit)
 
 
-def reconcile_vapi(pool, calls: VapiCalls, since: timedelta, now: datetime | None = None,
-                   limit: int = VAPI_PAGE_LIMIT) -> dict:
+def reconcile_vapi(
+    pool, calls: VapiCalls, since: timedelta, now: datetime | None = None, limit: int = VAPI_PAGE_LIMIT
+) -> dict:
     """Charge every ended call in the window that the ledger lacks; record mismatches and
     calls that cannot be attributed to an org."""
     window_end = now or datetime.now(UTC)
@@ -174,7 +203,6 @@ def reconcile_vapi(pool, calls: VapiCalls, since: timedelta, now: datetime | Non
                 if call["id"] in seen:  # split windows overlap by a millisecond
                     continue
                 seen.add(call["id"])
-                conn.execute("SELECT api.reconcile_vapi_call(%s::bigint, %s::jsonb)",
-                             (run_id, Jsonb(call)))
+                conn.execute("SELECT api.reconcile_vapi_call(%s::bigint, %s::jsonb)", (run_id, Jsonb(call)))
 
     return run_window(pool, "vapi", window_start, window_end, body)

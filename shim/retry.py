@@ -16,8 +16,14 @@ class RetryableError(Exception):
         self.retry_after = retry_after
 
 
-def with_backoff(call: Callable, *, retryable: tuple[type[BaseException], ...],
-                    attempts: int = 5, base_delay: float = 0.2, max_delay: float = 10.0):
+def with_backoff(
+    call: Callable,
+    *,
+    retryable: tuple[type[BaseException], ...],
+    attempts: int = 5,
+    base_delay: float = 0.2,
+    max_delay: float = 10.0,
+):
     """Run call(); on a retryable error wait base_delay x 2^n (or Retry-After), at most
     `attempts` times in all, then let the last error through."""
     for attempt in range(1, attempts + 1):

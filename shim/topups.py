@@ -59,14 +59,16 @@ def create_session(config, answer: dict):
         params={
             "mode": "payment",
             "client_reference_id": answer["org_id"],
-            "line_items": [{
-                "quantity": 1,
-                "price_data": {
-                    "currency": answer["currency"],
-                    "unit_amount": answer["amount_minor"],
-                    "product_data": {"name": "Voice AI credit"},
-                },
-            }],
+            "line_items": [
+                {
+                    "quantity": 1,
+                    "price_data": {
+                        "currency": answer["currency"],
+                        "unit_amount": answer["amount_minor"],
+                        "product_data": {"name": "Voice AI credit"},
+                    },
+                }
+            ],
             "metadata": metadata,
             "payment_intent_data": {"metadata": metadata},
             "success_url": config.checkout_success_url,
@@ -92,8 +94,7 @@ def create_top_up():
     answer = decide(pool, claims, amount, client_request_id)
     status = "existing"
     if answer["status"] == "conflict":
-        return jsonify({"error": "conflict",
-                        "message": "client_request_id was used for another amount"}), 409
+        return jsonify({"error": "conflict", "message": "client_request_id was used for another amount"}), 409
     if answer["status"] == "pending":
         return jsonify({"error": "in_progress", "message": "the session is being created; retry"}), 503
     if answer["status"] == "create":
@@ -106,9 +107,14 @@ def create_top_up():
         with pool.connection() as conn:
             answer = conn.execute(
                 QUERIES["record_checkout_session"],
-                {"request_id": answer["request_id"], "session_id": session.id,
-                 "checkout_url": session.url, "expires_at": session.expires_at},
+                {
+                    "request_id": answer["request_id"],
+                    "session_id": session.id,
+                    "checkout_url": session.url,
+                    "expires_at": session.expires_at,
+                },
             ).fetchone()["answer"]
         status = "created"
-    return jsonify({"checkout_url": answer["checkout_url"], "session_id": answer["session_id"],
-                    "status": status}), 200
+    return jsonify(
+        {"checkout_url": answer["checkout_url"], "session_id": answer["session_id"], "status": status}
+    ), 200

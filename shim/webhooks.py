@@ -21,8 +21,7 @@ def ingest(provider: str, event_id: str, event_type: str, payload: dict):
     with pool.connection() as conn:
         outcome = conn.execute(
             QUERIES["ingest_webhook"],
-            {"provider": provider, "event_id": event_id, "event_type": event_type,
-             "payload": Jsonb(payload)},
+            {"provider": provider, "event_id": event_id, "event_type": event_type, "payload": Jsonb(payload)},
         ).fetchone()["outcome"]
     return jsonify(outcome), 200
 

@@ -19,8 +19,9 @@ log = logging.getLogger(__name__)
 DEFAULT_SINCE = {"stripe": timedelta(days=7), "vapi": timedelta(hours=24)}
 
 
-def reconcile_provider(pool, config: Config, provider: str, since: timedelta | None = None,
-                       resume: bool = False) -> dict:
+def reconcile_provider(
+    pool, config: Config, provider: str, since: timedelta | None = None, resume: bool = False
+) -> dict:
     """One reconciliation run against one provider (NotConfigured when its key is missing).
     With resume, the provider's latest failed run is continued over its own window."""
     window_end = None
@@ -48,7 +49,9 @@ def reconcile_due(pool, config: Config) -> dict:
         with pool.connection() as conn:
             due = conn.execute(QUERIES["reconciliation_due"], {"provider": provider}).fetchone()["due"]
         if due["due"]:
-            run = reconcile_provider(pool, config, provider, timedelta(seconds=float(due["lookback_seconds"])))
+            run = reconcile_provider(
+                pool, config, provider, timedelta(seconds=float(due["lookback_seconds"]))
+            )
             report[provider] = {k: run[k] for k in ("id", "status", "seen", "recovered", "discrepancies")}
     return report
 
@@ -64,7 +67,9 @@ def retry_webhooks(pool, _config: Config) -> dict:
     totals: dict[str, int] = {}
     while sum(totals.values()) < RETRY_MAX_PER_PASS:
         with pool.connection() as conn:
-            counts = conn.execute(QUERIES["retry_webhook_events"], {"max_events": RETRY_BATCH}).fetchone()["counts"]
+            counts = conn.execute(QUERIES["retry_webhook_events"], {"max_events": RETRY_BATCH}).fetchone()[
+                "counts"
+            ]
         for status, n in counts.items():
             totals[status] = totals.get(status, 0) + n
         if sum(counts.values()) < RETRY_BATCH:
@@ -85,8 +90,12 @@ def recharges(pool, config: Config):
     return process_claims(pool, make_client(config))
 
 
-JOBS = {"webhooks_retried": retry_webhooks, "holds_expired": expire_holds,
-        "recharges": recharges, "reconciliation": reconcile_due}
+JOBS = {
+    "webhooks_retried": retry_webhooks,
+    "holds_expired": expire_holds,
+    "recharges": recharges,
+    "reconciliation": reconcile_due,
+}
 
 
 def run_once(pool, config: Config) -> dict:

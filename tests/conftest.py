@@ -183,8 +183,10 @@ def fake_stripe():
 @pytest.fixture
 def stripe_delivers(fake_stripe, shim_url):
     """Make the fake Stripe deliver its events, signed, to the running shim."""
-    fake_stripe.control("webhooks", {"url": f"{shim_url}/webhooks/stripe",
-                                     "secret": SECRETS["stripe_webhook_secret"], "deliver": True})
+    fake_stripe.control(
+        "webhooks",
+        {"url": f"{shim_url}/webhooks/stripe", "secret": SECRETS["stripe_webhook_secret"], "deliver": True},
+    )
     return fake_stripe
 
 

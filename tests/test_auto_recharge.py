@@ -27,18 +27,22 @@ def recharging_org(service, db, balance=3_000, threshold=1_000, amount=2_000, ca
     org = open_wallet(service, balance_minor=balance)
     service.execute("SELECT * FROM api.set_payment_method(%s, %s, %s)", (org, CUSTOMER, card))
     with as_user(db, org, "owner", commit=True) as conn:
-        conn.execute("SELECT * FROM api.configure_auto_recharge(true, %s::bigint, %s::bigint)",
-                     (threshold, amount))
+        conn.execute(
+            "SELECT * FROM api.configure_auto_recharge(true, %s::bigint, %s::bigint)", (threshold, amount)
+        )
     return org
 
 
 def charge_call(conn, org, seconds, call_id=None):
-    return conn.execute("SELECT * FROM api.deduct_call_credits(%s, %s, %s)",
-                        (org, call_id or f"call-{uuid.uuid4()}", seconds)).fetchone()
+    return conn.execute(
+        "SELECT * FROM api.deduct_call_credits(%s, %s, %s)", (org, call_id or f"call-{uuid.uuid4()}", seconds)
+    ).fetchone()
 
 
 def claims(db, org):
-    return db.execute("SELECT * FROM billing.recharge_claims WHERE org_id = %s ORDER BY id", (org,)).fetchall()
+    return db.execute(
+        "SELECT * FROM billing.recharge_claims WHERE org_id = %s ORDER BY id", (org,)
+    ).fetchall()
 
 
 def intents_created(fake_stripe):
@@ -55,8 +59,9 @@ def test_crossing_the_threshold_takes_one_claim_sized_back_to_target(service, db
     assert len(claims(db, org)) == 1
 
 
-def test_fifty_concurrent_charges_make_one_claim_and_one_payment_intent(db_url, service, db, shim_config,
-                                                                        fake_stripe, pool):
+def test_fifty_concurrent_charges_make_one_claim_and_one_payment_intent(
+    db_url, service, db, shim_config, fake_stripe, pool
+):
     org = recharging_org(service, db, balance=4_000)
 
     def charge(_):
@@ -76,7 +81,9 @@ def test_fifty_concurrent_charges_make_one_claim_and_one_payment_intent(db_url, 
     assert ledger_count(db, org) == 1 + 50 + 1
 
 
-def test_declined_card_fails_the_claim_and_waits_for_its_cooldown(service, db, shim_config, fake_stripe, pool):
+def test_declined_card_fails_the_claim_and_waits_for_its_cooldown(
+    service, db, shim_config, fake_stripe, pool
+):
     org = recharging_org(service, db, card="pm_card_declines")
     fake_stripe.control("decline", {"payment_method": "pm_card_declines", "code": "card_declined"})
     charge_call(service, org, 60 * 30)
@@ -89,7 +96,9 @@ def test_declined_card_fails_the_claim_and_waits_for_its_cooldown(service, db, s
         run_once(pool, shim_config)
     assert len(claims(db, org)) == 1
     assert intents_created(fake_stripe) == 0
-    kinds = [n["kind"] for n in db.execute("SELECT kind FROM billing.notifications WHERE org_id = %s", (org,))]
+    kinds = [
+        n["kind"] for n in db.execute("SELECT kind FROM billing.notifications WHERE org_id = %s", (org,))
+    ]
     assert kinds.count("auto_recharge_failed") == 1
 
 
@@ -104,8 +113,12 @@ def test_repeated_failures_disable_auto_recharge_and_alert(service, db, shim_con
     w = wallet(db, org)
     assert not w["auto_recharge_enabled"] and "authentication_required" in w["auto_recharge_disabled_reason"]
     assert [c["status"] for c in claims(db, org)] == ["failed"] * 3
-    assert db.execute("SELECT count(*) AS n FROM billing.notifications WHERE kind = 'auto_recharge_disabled'"
-                      ).fetchone()["n"] == 1
+    assert (
+        db.execute(
+            "SELECT count(*) AS n FROM billing.notifications WHERE kind = 'auto_recharge_disabled'"
+        ).fetchone()["n"]
+        == 1
+    )
 
 
 def test_crash_after_stripe_accepted_does_not_charge_twice(service, db, shim_config, fake_stripe, pool):
@@ -126,12 +139,15 @@ def test_crash_after_stripe_accepted_does_not_charge_twice(service, db, shim_con
     assert ledger_count(db, org) == 3  # seed credit, the call, one recharge
 
 
-def test_webhook_and_worker_both_report_the_success_credit_once(service, db, shim_config, stripe_delivers, pool):
+def test_webhook_and_worker_both_report_the_success_credit_once(
+    service, db, shim_config, stripe_delivers, pool
+):
     org = recharging_org(service, db)
     charge_call(service, org, 60 * 30)
     process_claims(pool, make_client(shim_config))  # the fake delivers payment_intent.succeeded too
-    event = db.execute("SELECT * FROM billing.webhook_events WHERE event_type = 'payment_intent.succeeded'"
-                       ).fetchone()
+    event = db.execute(
+        "SELECT * FROM billing.webhook_events WHERE event_type = 'payment_intent.succeeded'"
+    ).fetchone()
     assert event["status"] == "processed"
     assert {event["result"]["result"]["status"]} <= {"applied", "duplicate"}
     recharges = db.execute("SELECT * FROM billing.ledger_entries WHERE kind = 'auto_recharge'").fetchall()
@@ -162,8 +178,9 @@ def test_switching_auto_recharge_off_withdraws_the_unsent_claim(service, db, shi
     assert wallet(db, org)["auto_recharge_failures"] == 0
 
 
-def test_revoked_stripe_key_fails_the_recharge_job_but_not_the_pass(service, db, shim_config, fake_stripe, pool,
-                                                                   monkeypatch):
+def test_revoked_stripe_key_fails_the_recharge_job_but_not_the_pass(
+    service, db, shim_config, fake_stripe, pool, monkeypatch
+):
     """One job's failure is reported and the others still run (holds, webhooks, reconciliation)."""
     import stripe
 
@@ -183,7 +200,8 @@ def test_revoked_stripe_key_fails_the_recharge_job_but_not_the_pass(service, db,
 
 
 def test_customer_switching_off_during_a_deferred_attempt_withdraws_it_at_next_lease(
-        service, db, shim_config, fake_stripe, pool):
+    service, db, shim_config, fake_stripe, pool
+):
     org = recharging_org(service, db)
     charge_call(service, org, 60 * 30)
     fake_stripe.control("fail", {"count": 10, "status": 500})
@@ -197,5 +215,6 @@ def test_customer_switching_off_during_a_deferred_attempt_withdraws_it_at_next_l
     assert claim["status"] == "failed" and claim["failure_code"] == "canceled_by_customer"
     assert intents_created(fake_stripe) == 0
     recharge_failures = service.execute(
-        "SELECT value FROM api.health_metrics() WHERE metric = 'recharge_failures_24h'").fetchone()["value"]
+        "SELECT value FROM api.health_metrics() WHERE metric = 'recharge_failures_24h'"
+    ).fetchone()["value"]
     assert recharge_failures == 0  # withdrawn by the customer is not a failure

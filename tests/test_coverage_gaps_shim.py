@@ -48,15 +48,25 @@ def test_stripe_event_without_a_type_is_400_and_stores_nothing(client, db):
     assert stored_events(db) == 0
 
 
-@pytest.mark.parametrize(("body", "message"), [
-    (b"{not json", "body is not JSON"),
-    (b"[1, 2, 3]", "body is not a JSON object"),
-    (json.dumps({"message": {"call": {"id": "call-1"}}}).encode(), "a Vapi server message has message.type"),
-    (json.dumps({"message": "end-of-call-report"}).encode(), "a Vapi server message has message.type"),
-])
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"{not json", "body is not JSON"),
+        (b"[1, 2, 3]", "body is not a JSON object"),
+        (
+            json.dumps({"message": {"call": {"id": "call-1"}}}).encode(),
+            "a Vapi server message has message.type",
+        ),
+        (json.dumps({"message": "end-of-call-report"}).encode(), "a Vapi server message has message.type"),
+    ],
+)
 def test_vapi_body_that_is_not_a_server_message_is_400(client, db, body, message):
-    answer = client.post("/webhooks/vapi", data=body, content_type="application/json",
-                         headers={"X-Vapi-Secret": SECRETS["vapi_webhook_secret"]})
+    answer = client.post(
+        "/webhooks/vapi",
+        data=body,
+        content_type="application/json",
+        headers={"X-Vapi-Secret": SECRETS["vapi_webhook_secret"]},
+    )
     assert answer.status_code == 400 and answer.json["error"] == "bad_request"
     assert answer.json["message"].startswith(message)
     assert stored_events(db) == 0
@@ -78,22 +88,33 @@ def test_vapi_message_without_a_call_is_identified_by_its_bytes(client, db):
     assert stored_events(db) == 2
 
 
-@pytest.mark.parametrize(("headers", "problem"), [
-    ({}, "missing X-Vapi-Secret or x-signature/x-timestamp"),
-    ({"x-signature": "00" * 32, "x-timestamp": "soon"}, "x-timestamp is not a number"),
-])
+@pytest.mark.parametrize(
+    ("headers", "problem"),
+    [
+        ({}, "missing X-Vapi-Secret or x-signature/x-timestamp"),
+        ({"x-signature": "00" * 32, "x-timestamp": "soon"}, "x-timestamp is not a number"),
+    ],
+)
 def test_vapi_without_a_usable_credential_is_400_bad_signature(client, db, headers, problem):
-    answer = client.post("/webhooks/vapi", data=b'{"message": {"type": "hang"}}',
-                         content_type="application/json", headers=headers)
+    answer = client.post(
+        "/webhooks/vapi",
+        data=b'{"message": {"type": "hang"}}',
+        content_type="application/json",
+        headers=headers,
+    )
     assert answer.status_code == 400
     assert answer.json == {"error": "bad_signature", "message": problem}
     assert stored_events(db) == 0
 
 
 def test_twilio_callback_without_a_signature_is_400(client, db):
-    params = payloads.twilio_status_callback(message_sid=payloads.twilio_sid("SM"), status="sent",
-                                             account_sid="AC" + "0" * 32, from_="+15550000001",
-                                             to="+15550000002")
+    params = payloads.twilio_status_callback(
+        message_sid=payloads.twilio_sid("SM"),
+        status="sent",
+        account_sid="AC" + "0" * 32,
+        from_="+15550000001",
+        to="+15550000002",
+    )
     answer = client.post(TWILIO_PATH, data=params)
     assert answer.status_code == 400
     assert answer.json == {"error": "bad_signature", "message": "missing X-Twilio-Signature header"}
@@ -114,19 +135,33 @@ def top_up_raw(client, org, **kwargs):
     return client.post("/top-ups", headers=bearer(supabase_token(org)), **kwargs)
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"data": b"amount=2500", "content_type": "application/x-www-form-urlencoded"},
-     "body must be a JSON object"),
-    ({"json": [2500]}, "body must be a JSON object"),
-    ({"json": {"amount_minor": "2500", "client_request_id": str(uuid.uuid4())}},
-     "amount_minor must be an integer number of minor units"),
-    ({"json": {"amount_minor": True, "client_request_id": str(uuid.uuid4())}},
-     "amount_minor must be an integer number of minor units"),
-    ({"json": {"amount_minor": 2500.5, "client_request_id": str(uuid.uuid4())}},
-     "amount_minor must be an integer number of minor units"),
-    ({"json": {"amount_minor": 2500, "client_request_id": "order-17"}}, "client_request_id must be a uuid"),
-    ({"json": {"amount_minor": 2500}}, "client_request_id must be a uuid"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"data": b"amount=2500", "content_type": "application/x-www-form-urlencoded"},
+            "body must be a JSON object",
+        ),
+        ({"json": [2500]}, "body must be a JSON object"),
+        (
+            {"json": {"amount_minor": "2500", "client_request_id": str(uuid.uuid4())}},
+            "amount_minor must be an integer number of minor units",
+        ),
+        (
+            {"json": {"amount_minor": True, "client_request_id": str(uuid.uuid4())}},
+            "amount_minor must be an integer number of minor units",
+        ),
+        (
+            {"json": {"amount_minor": 2500.5, "client_request_id": str(uuid.uuid4())}},
+            "amount_minor must be an integer number of minor units",
+        ),
+        (
+            {"json": {"amount_minor": 2500, "client_request_id": "order-17"}},
+            "client_request_id must be a uuid",
+        ),
+        ({"json": {"amount_minor": 2500}}, "client_request_id must be a uuid"),
+    ],
+)
 def test_top_up_body_that_is_not_a_request_is_400(client, service, db, fake_stripe, kwargs, message):
     org = open_wallet(service)
     answer = top_up_raw(client, org, **kwargs)
@@ -136,15 +171,17 @@ def test_top_up_body_that_is_not_a_request_is_400(client, service, db, fake_stri
     assert "POST /v1/checkout/sessions" not in fake_stripe.stats()["endpoints"]
 
 
-def test_top_up_while_another_request_creates_the_session_is_503(client, service, db, fake_stripe,
-                                                                 monkeypatch):
+def test_top_up_while_another_request_creates_the_session_is_503(
+    client, service, db, fake_stripe, monkeypatch
+):
     """The lease holder is still talking to Stripe: this request waits (here: not at all) and
     then answers 503 so the client retries; it never creates a second session."""
     org = open_wallet(service)
     request_id = uuid.uuid4()
     with as_user(db, org, "owner", commit=True) as conn:  # the first request, mid-creation
-        first = conn.execute("SELECT api.begin_checkout(2500::bigint, %s) AS a",
-                             (request_id,)).fetchone()["a"]
+        first = conn.execute("SELECT api.begin_checkout(2500::bigint, %s) AS a", (request_id,)).fetchone()[
+            "a"
+        ]
     assert first["status"] == "create"
     monkeypatch.setattr(topups, "PENDING_WAIT_SECONDS", 0.0)
     answer = top_up_raw(client, org, json={"amount_minor": 2500, "client_request_id": str(request_id)})
@@ -157,8 +194,11 @@ def test_top_up_while_another_request_creates_the_session_is_503(client, service
 
 def test_top_up_by_a_role_that_may_not_pay_is_403(client, service, db, fake_stripe):
     org = open_wallet(service)
-    answer = client.post("/top-ups", json={"amount_minor": 2500, "client_request_id": str(uuid.uuid4())},
-                         headers=bearer(supabase_token(org, org_role="viewer")))
+    answer = client.post(
+        "/top-ups",
+        json={"amount_minor": 2500, "client_request_id": str(uuid.uuid4())},
+        headers=bearer(supabase_token(org, org_role="viewer")),
+    )
     assert answer.status_code == 403
     assert answer.json == {"error": "forbidden", "message": "caller is not a member of the organisation"}
     assert db.execute("SELECT count(*) AS n FROM billing.checkout_requests").fetchone()["n"] == 0
@@ -192,10 +232,15 @@ def cli_env(monkeypatch, db_url):
     return monkeypatch
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("7d", timedelta(days=7)), ("24h", timedelta(hours=24)), (" 90m ", timedelta(minutes=90)),
-    ("30s", timedelta(seconds=30)),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("7d", timedelta(days=7)),
+        ("24h", timedelta(hours=24)),
+        (" 90m ", timedelta(minutes=90)),
+        ("30s", timedelta(seconds=30)),
+    ],
+)
 def test_since_takes_a_number_and_a_unit(text, expected):
     assert parse_since(text) == expected
 
@@ -209,12 +254,21 @@ def test_since_without_a_known_unit_is_refused(text):
 def test_reconcile_command_charges_the_calls_the_ledger_lacks(cli_env, service, db, fake_vapi, capsys):
     org = open_wallet(service, balance_minor=10_000)
     start = NOW - timedelta(hours=1)
-    calls = [payloads.vapi_call(org_id=str(org), started_at=start + timedelta(seconds=i),
-                                ended_at=start + timedelta(seconds=i + 60),
-                                updated_at=start + timedelta(seconds=i + 61)) for i in range(2)]
-    old = payloads.vapi_call(org_id=str(org), started_at=NOW - timedelta(hours=5),
-                             ended_at=NOW - timedelta(hours=5) + timedelta(seconds=60),
-                             updated_at=NOW - timedelta(hours=5) + timedelta(seconds=61))
+    calls = [
+        payloads.vapi_call(
+            org_id=str(org),
+            started_at=start + timedelta(seconds=i),
+            ended_at=start + timedelta(seconds=i + 60),
+            updated_at=start + timedelta(seconds=i + 61),
+        )
+        for i in range(2)
+    ]
+    old = payloads.vapi_call(
+        org_id=str(org),
+        started_at=NOW - timedelta(hours=5),
+        ended_at=NOW - timedelta(hours=5) + timedelta(seconds=60),
+        updated_at=NOW - timedelta(hours=5) + timedelta(seconds=61),
+    )
     fake_vapi.control("calls", [*calls, old])
     cli_env.setenv("VAPI_API_KEY", "vapi-test-api-key")
     cli_env.setenv("VAPI_API_BASE", fake_vapi.url)
@@ -224,8 +278,12 @@ def test_reconcile_command_charges_the_calls_the_ledger_lacks(cli_env, service, 
     # The 5-hour-old call is outside the window.
     assert (run["status"], run["seen"], run["recovered"]) == ("completed", 2, 2)
     assert wallet(db, org)["balance_minor"] == 10_000 - 2 * 70
-    charged = {r["provider_ref"] for r in db.execute("SELECT provider_ref FROM billing.ledger_entries "
-                                                     "WHERE kind = 'call_charge'").fetchall()}
+    charged = {
+        r["provider_ref"]
+        for r in db.execute(
+            "SELECT provider_ref FROM billing.ledger_entries WHERE kind = 'call_charge'"
+        ).fetchall()
+    }
     assert charged == {f"vapi:call:{c['id']}" for c in calls}
 
 
@@ -238,8 +296,10 @@ def test_reconcile_resume_without_a_failed_run_says_so(cli_env, db):
 def test_worker_once_retries_due_events_and_skips_what_is_not_configured(cli_env, service, db, capsys):
     org = uuid.uuid4()  # its wallet is opened after its payment arrived
     event = stripe_event("checkout.session.completed", paid_checkout(org, 2500)[0])
-    stored = service.execute("SELECT api.ingest_webhook('stripe', %s, %s, %s::jsonb) AS a",
-                             (event["id"], event["type"], json.dumps(event))).fetchone()["a"]
+    stored = service.execute(
+        "SELECT api.ingest_webhook('stripe', %s, %s, %s::jsonb) AS a",
+        (event["id"], event["type"], json.dumps(event)),
+    ).fetchone()["a"]
     assert stored["status"] == "failed"
     open_wallet(service, org_id=org)
     db.execute("UPDATE billing.webhook_events SET next_attempt_at = now()")
@@ -249,8 +309,10 @@ def test_worker_once_retries_due_events_and_skips_what_is_not_configured(cli_env
     assert report["webhooks_retried"] == {"processed": 1}
     assert report["holds_expired"] == 0
     assert report["recharges"] == "skipped: STRIPE_API_KEY is not set"
-    assert report["reconciliation"] == {"stripe": "skipped: not configured",
-                                        "vapi": "skipped: not configured"}
+    assert report["reconciliation"] == {
+        "stripe": "skipped: not configured",
+        "vapi": "skipped: not configured",
+    }
     assert wallet(db, org)["balance_minor"] == 2500 and ledger_count(db, org) == 1
 
 

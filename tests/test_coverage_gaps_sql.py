@@ -43,8 +43,9 @@ def ingest(conn, provider, event_type, payload, event_id=None):
 
 def stripe(conn, event_type, obj, event_id=None):
     """A Stripe event envelope around obj, ingested; returns the inbox answer."""
-    event = payloads.stripe_event(event_id=event_id or payloads.stripe_id("evt"),
-                                  event_type=event_type, data_object=obj)
+    event = payloads.stripe_event(
+        event_id=event_id or payloads.stripe_id("evt"), event_type=event_type, data_object=obj
+    )
     return ingest(conn, "stripe", event_type, event, event["id"])
 
 
@@ -59,8 +60,9 @@ def twilio(conn, params):
 
 
 def sms_callback(sid, status):
-    return payloads.twilio_status_callback(message_sid=sid, status=status, account_sid=ACCOUNT,
-                                           from_="+15550000001", to="+15550000002")
+    return payloads.twilio_status_callback(
+        message_sid=sid, status=status, account_sid=ACCOUNT, from_="+15550000001", to="+15550000002"
+    )
 
 
 def event_row(db, row_id):
@@ -69,8 +71,9 @@ def event_row(db, row_id):
 
 def entries(db, org):
     """(kind, amount) of an org's ledger, oldest first."""
-    rows = db.execute("SELECT kind, amount_minor FROM billing.ledger_entries WHERE org_id = %s ORDER BY id",
-                      (org,)).fetchall()
+    rows = db.execute(
+        "SELECT kind, amount_minor FROM billing.ledger_entries WHERE org_id = %s ORDER BY id", (org,)
+    ).fetchall()
     return [(r["kind"], r["amount_minor"]) for r in rows]
 
 
@@ -78,23 +81,34 @@ def credited_payment(service, amount=5000, org=None):
     """An org whose Stripe Checkout payment was credited; returns (org, payment_intent_id)."""
     org = org or open_wallet(service)
     pi = payloads.stripe_id("pi")
-    session = payloads.stripe_checkout_session(session_id=payloads.checkout_session_id(), org_id=str(org),
-                                               amount_total=amount, payment_intent=pi)
+    session = payloads.stripe_checkout_session(
+        session_id=payloads.checkout_session_id(), org_id=str(org), amount_total=amount, payment_intent=pi
+    )
     answer = stripe(service, "checkout.session.completed", session)
     assert answer["result"]["status"] == "applied"
     return org, pi
 
 
 def refund(pi, amount, status="succeeded", refund_id=None):
-    return payloads.stripe_refund(refund_id=refund_id or payloads.stripe_id("re"), payment_intent=pi,
-                                  charge=payloads.stripe_id("ch"), amount=amount, status=status)
+    return payloads.stripe_refund(
+        refund_id=refund_id or payloads.stripe_id("re"),
+        payment_intent=pi,
+        charge=payloads.stripe_id("ch"),
+        amount=amount,
+        status=status,
+    )
 
 
 def state(db) -> dict:
     """snapshot() plus every other table a refused call might have written."""
     snap = snapshot(db)
-    for table in ("checkout_requests", "reconciliation_runs", "discrepancies", "notifications",
-                  "vapi_routes"):
+    for table in (
+        "checkout_requests",
+        "reconciliation_runs",
+        "discrepancies",
+        "notifications",
+        "vapi_routes",
+    ):
         snap[table] = db.execute(f"SELECT * FROM billing.{table} ORDER BY 1").fetchall()
     return snap
 
@@ -107,8 +121,9 @@ def value(conn, sql, params=()):
 
 def start_run(conn, provider):
     """A reconciliation run over the last day; its id."""
-    return value(conn, "SELECT api.start_reconciliation_run(%s, now() - interval '1 day', now())",
-                 (provider,))["run_id"]
+    return value(
+        conn, "SELECT api.start_reconciliation_run(%s, now() - interval '1 day', now())", (provider,)
+    )["run_id"]
 
 
 def begin_checkout(db, org, amount=2500):
@@ -143,8 +158,9 @@ def world(service, db):
     with as_user(db, org, "owner", commit=True) as conn:
         conn.execute("SELECT * FROM api.configure_auto_recharge(true, 1000::bigint, 2000::bigint)")
     service.execute("SELECT * FROM api.deduct_call_credits(%s, 'call-world', 1800)", (org,))  # 3000 - 2100
-    claim = db.execute("SELECT id FROM billing.recharge_claims WHERE org_id = %s AND status = 'pending'",
-                       (org,)).fetchone()["id"]
+    claim = db.execute(
+        "SELECT id FROM billing.recharge_claims WHERE org_id = %s AND status = 'pending'", (org,)
+    ).fetchone()["id"]
 
     _, pi = credited_payment(service, 2500, org=org)
     event = db.execute("SELECT id FROM billing.webhook_events WHERE status = 'processed'").fetchone()["id"]
@@ -157,15 +173,27 @@ def world(service, db):
     assert service.execute("SELECT api.record_stripe_phantoms(%s, '{}') AS n", (run,)).fetchone()["n"] == 1
     discrepancy = db.execute("SELECT id FROM billing.discrepancies").fetchone()["id"]
     service.execute("SELECT api.resolve_discrepancy(%s, 'checked by hand')", (discrepancy,))
-    return {"org": org, "claim": claim, "event": event, "request": answer["request_id"], "run": run,
-            "discrepancy": discrepancy, "pi": pi, "nobody": uuid.uuid4(), "missing": 987_654_321}
+    return {
+        "org": org,
+        "claim": claim,
+        "event": event,
+        "request": answer["request_id"],
+        "run": run,
+        "discrepancy": discrepancy,
+        "pi": pi,
+        "nobody": uuid.uuid4(),
+        "missing": 987_654_321,
+    }
 
 
 # (id, statement with %(name)s placeholders from `world`, the field diag.column_name must name)
 REFUSALS = [
     ("adjust-null-org", "SELECT api.adjust_wallet(NULL, 100::bigint, 'adj-1', 'ticket 7')", "org_id"),
-    ("adjust-details-not-object",
-     "SELECT api.adjust_wallet(%(org)s, 100::bigint, 'adj-1', 'ticket 7', '[1]'::jsonb)", "details"),
+    (
+        "adjust-details-not-object",
+        "SELECT api.adjust_wallet(%(org)s, 100::bigint, 'adj-1', 'ticket 7', '[1]'::jsonb)",
+        "details",
+    ),
     ("discard-reason-too-short", "SELECT api.discard_webhook_event(%(event)s, 'no')", "reason"),
     ("replay-processed-event", "SELECT api.replay_webhook_event(%(event)s)", "event_row_id"),
     ("replay-unknown-event", "SELECT api.replay_webhook_event(%(missing)s)", "event_row_id"),
@@ -181,30 +209,53 @@ REFUSALS = [
     ("recharge-result-null-claim", "SELECT api.record_recharge_result(NULL, 'failed')", "claim_id"),
     ("recharge-result-unknown-outcome", "SELECT api.record_recharge_result(%(claim)s, 'maybe')", "outcome"),
     ("recharge-result-null-outcome", "SELECT api.record_recharge_result(%(claim)s, NULL)", "outcome"),
-    ("recharge-result-success-without-intent",
-     "SELECT api.record_recharge_result(%(claim)s, 'succeeded', NULL, 2000::bigint)", "payment_intent_id"),
-    ("recharge-processing-unknown-claim",
-     "SELECT api.mark_recharge_processing(%(missing)s, 'pi_processing_1')", "claim_id"),
-    ("checkout-session-empty-url", "SELECT api.record_checkout_session(%(request)s, 'cs_test_x', '')",
-     "checkout_url"),
-    ("checkout-session-unknown-request",
-     "SELECT api.record_checkout_session(%(missing)s, 'cs_test_x', 'https://checkout.test/x')", "request_id"),
-    ("run-unknown-provider",
-     "SELECT api.start_reconciliation_run('twilio', now() - interval '1 hour', now())", "provider"),
-    ("run-window-backwards", "SELECT api.start_reconciliation_run('vapi', now(), now() - interval '1 hour')",
-     "window_end"),
+    (
+        "recharge-result-success-without-intent",
+        "SELECT api.record_recharge_result(%(claim)s, 'succeeded', NULL, 2000::bigint)",
+        "payment_intent_id",
+    ),
+    (
+        "recharge-processing-unknown-claim",
+        "SELECT api.mark_recharge_processing(%(missing)s, 'pi_processing_1')",
+        "claim_id",
+    ),
+    (
+        "checkout-session-empty-url",
+        "SELECT api.record_checkout_session(%(request)s, 'cs_test_x', '')",
+        "checkout_url",
+    ),
+    (
+        "checkout-session-unknown-request",
+        "SELECT api.record_checkout_session(%(missing)s, 'cs_test_x', 'https://checkout.test/x')",
+        "request_id",
+    ),
+    (
+        "run-unknown-provider",
+        "SELECT api.start_reconciliation_run('twilio', now() - interval '1 hour', now())",
+        "provider",
+    ),
+    (
+        "run-window-backwards",
+        "SELECT api.start_reconciliation_run('vapi', now(), now() - interval '1 hour')",
+        "window_end",
+    ),
     ("run-window-open", "SELECT api.start_reconciliation_run('vapi', now(), NULL)", "window_end"),
     ("finish-unknown-status", "SELECT api.finish_reconciliation_run(%(run)s, 'done')", "status"),
     ("finish-unknown-run", "SELECT api.finish_reconciliation_run(%(missing)s, 'completed')", "run_id"),
     ("phantoms-unknown-run", "SELECT api.record_stripe_phantoms(%(missing)s, '{}')", "run_id"),
-    ("reconcile-event-without-type",
-     "SELECT api.reconcile_stripe_event(%(run)s, '{\"id\": \"evt_no_type\", \"data\": {}}')", "event"),
+    (
+        "reconcile-event-without-type",
+        'SELECT api.reconcile_stripe_event(%(run)s, \'{"id": "evt_no_type", "data": {}}\')',
+        "event",
+    ),
     ("reconcile-event-null", "SELECT api.reconcile_stripe_event(%(run)s, NULL)", "event"),
-    ("reconcile-call-without-id",
-     "SELECT api.reconcile_vapi_call(%(run)s, '{\"status\": \"ended\"}')", "call"),
+    ("reconcile-call-without-id", 'SELECT api.reconcile_vapi_call(%(run)s, \'{"status": "ended"}\')', "call"),
     ("resolve-too-short", "SELECT api.resolve_discrepancy(%(discrepancy)s, 'ok')", "resolution"),
-    ("resolve-already-resolved", "SELECT api.resolve_discrepancy(%(discrepancy)s, 'checked again')",
-     "discrepancy_id"),
+    (
+        "resolve-already-resolved",
+        "SELECT api.resolve_discrepancy(%(discrepancy)s, 'checked again')",
+        "discrepancy_id",
+    ),
     ("pricing-no-wallet", "SELECT api.set_pricing(%(nobody)s, 70::bigint, 1, 1::bigint)", "org_id"),
     ("payment-method-no-wallet", "SELECT api.set_payment_method(%(nobody)s, 'cus_x', 'pm_x')", "org_id"),
     ("route-unknown-kind", "SELECT api.set_vapi_route('squad', 'sq_1', %(org)s)", "kind"),
@@ -213,8 +264,9 @@ REFUSALS = [
 ]
 
 
-@pytest.mark.parametrize(("sql", "field"),
-                         [pytest.param(sql, field, id=name) for name, sql, field in REFUSALS])
+@pytest.mark.parametrize(
+    ("sql", "field"), [pytest.param(sql, field, id=name) for name, sql, field in REFUSALS]
+)
 def test_invalid_input_is_22023_naming_the_field_and_changes_nothing(service, db, world, sql, field):
     before = state(db)
     exc = refused(service, sql, world)
@@ -246,8 +298,10 @@ def test_recharge_result_for_an_unknown_claim_names_the_claim_id_parameter(servi
 def test_marking_a_settled_claim_as_processing_changes_nothing(service, db, world):
     """The claim's webhook overtook the worker: marking it processing afterwards is a no-op that
     says how the claim ended (never a PaymentIntent id on a claim that already failed)."""
-    service.execute("SELECT api.record_recharge_result(%s, 'failed', NULL, NULL, NULL, 'card_declined')",
-                    (world["claim"],))
+    service.execute(
+        "SELECT api.record_recharge_result(%s, 'failed', NULL, NULL, NULL, 'card_declined')",
+        (world["claim"],),
+    )
     before = state(db)
     answer = value(service, "SELECT api.mark_recharge_processing(%s, 'pi_late')", (world["claim"],))
     assert answer == {"claim_id": world["claim"], "status": "failed", "payment_intent_id": None}
@@ -385,8 +439,9 @@ def test_zero_amount_refund_is_ignored_for_its_org(service, db):
 def test_charge_refunded_without_its_refund_list_waits_for_the_refund_events(service, db):
     """Recent API versions do not expand charge.refunds: the refund.* events carry the debit."""
     org, pi = credited_payment(service, 5000)
-    charge = payloads.stripe_charge(charge_id=payloads.stripe_id("ch"), payment_intent=pi, amount=5000,
-                                    amount_refunded=1500)
+    charge = payloads.stripe_charge(
+        charge_id=payloads.stripe_id("ch"), payment_intent=pi, amount=5000, amount_refunded=1500
+    )
     del charge["refunds"]
     answer = stripe(service, "charge.refunded", charge)
     assert answer["status"] == "ignored" and answer["note"] == "refunds_not_listed"
@@ -397,8 +452,13 @@ def test_charge_refunded_without_its_refund_list_waits_for_the_refund_events(ser
 
 def test_dispute_reinstated_before_it_was_withdrawn_waits_for_the_withdrawal(service, db):
     org, pi = credited_payment(service, 5000)
-    dispute = payloads.stripe_dispute(dispute_id=payloads.stripe_id("dp"), payment_intent=pi,
-                                      charge=payloads.stripe_id("ch"), amount=5000, status="won")
+    dispute = payloads.stripe_dispute(
+        dispute_id=payloads.stripe_id("dp"),
+        payment_intent=pi,
+        charge=payloads.stripe_id("ch"),
+        amount=5000,
+        status="won",
+    )
     early = stripe(service, "charge.dispute.funds_reinstated", dispute)
     assert early["status"] == "failed"
     assert early["error"].startswith("P0002") and dispute["id"] in early["error"]
@@ -408,8 +468,9 @@ def test_dispute_reinstated_before_it_was_withdrawn_waits_for_the_withdrawal(ser
 
     stripe(service, "charge.dispute.funds_withdrawn", dict(dispute, status="needs_response"))
     assert wallet(db, org)["balance_minor"] == 0
-    db.execute("UPDATE billing.webhook_events SET next_attempt_at = now() WHERE id = %s",
-               (early["event_row_id"],))
+    db.execute(
+        "UPDATE billing.webhook_events SET next_attempt_at = now() WHERE id = %s", (early["event_row_id"],)
+    )
     assert value(service, "SELECT api.retry_webhook_events(10)") == {"processed": 1}
     assert wallet(db, org)["balance_minor"] == 5000
     assert entries(db, org) == [("top_up", 5000), ("dispute", -5000), ("dispute_reversal", 5000)]
@@ -417,9 +478,13 @@ def test_dispute_reinstated_before_it_was_withdrawn_waits_for_the_withdrawal(ser
 
 def test_dispute_inquiry_that_closes_moves_no_money(service, db):
     org, pi = credited_payment(service, 5000)
-    inquiry = payloads.stripe_dispute(dispute_id=payloads.stripe_id("dp"), payment_intent=pi,
-                                      charge=payloads.stripe_id("ch"), amount=5000,
-                                      status="warning_needs_response")
+    inquiry = payloads.stripe_dispute(
+        dispute_id=payloads.stripe_id("dp"),
+        payment_intent=pi,
+        charge=payloads.stripe_id("ch"),
+        amount=5000,
+        status="warning_needs_response",
+    )
     stripe(service, "charge.dispute.created", inquiry)
     stripe(service, "charge.dispute.closed", dict(inquiry, status="warning_closed"))
     assert wallet(db, org)["balance_minor"] == 5000
@@ -431,8 +496,9 @@ def test_dispute_inquiry_that_closes_moves_no_money(service, db):
 def test_payment_intent_without_an_org_is_not_ours(service, db):
     open_wallet(service)
     before = snapshot(db)
-    intent = payloads.stripe_payment_intent(pi_id=payloads.stripe_id("pi"), org_id=None, amount=4000,
-                                            metadata={"order": "shop-123"})
+    intent = payloads.stripe_payment_intent(
+        pi_id=payloads.stripe_id("pi"), org_id=None, amount=4000, metadata={"order": "shop-123"}
+    )
     answer = stripe(service, "payment_intent.succeeded", intent)
     assert answer["status"] == "ignored" and answer["note"] == "not_a_creditledger_payment"
     after = snapshot(db)
@@ -442,8 +508,12 @@ def test_payment_intent_without_an_org_is_not_ours(service, db):
 def test_failed_payment_that_is_not_a_recharge_is_ignored(service, db):
     org = open_wallet(service)
     intent = payloads.stripe_payment_intent(
-        pi_id=payloads.stripe_id("pi"), org_id=str(org), amount=4000, status="requires_payment_method",
-        last_payment_error={"code": "card_declined", "decline_code": "insufficient_funds"})
+        pi_id=payloads.stripe_id("pi"),
+        org_id=str(org),
+        amount=4000,
+        status="requires_payment_method",
+        last_payment_error={"code": "card_declined", "decline_code": "insufficient_funds"},
+    )
     answer = stripe(service, "payment_intent.payment_failed", intent)
     assert answer["status"] == "ignored" and answer["note"] == "not_a_recharge"
     assert ledger_count(db, org) == 0
@@ -455,8 +525,12 @@ def test_recharge_success_for_an_unknown_claim_is_kept_for_the_worker(service, d
     """A recharge PaymentIntent naming a claim this ledger never took is not credited to the org
     on a guess: the event fails (22023 from the claim lookup) and stays in the retry queue."""
     org = open_wallet(service)
-    intent = payloads.stripe_payment_intent(pi_id=payloads.stripe_id("pi"), org_id=str(org), amount=2000,
-                                            metadata={"org_id": str(org), "recharge_claim_id": "424242"})
+    intent = payloads.stripe_payment_intent(
+        pi_id=payloads.stripe_id("pi"),
+        org_id=str(org),
+        amount=2000,
+        metadata={"org_id": str(org), "recharge_claim_id": "424242"},
+    )
     answer = stripe(service, "payment_intent.succeeded", intent)
     assert answer["status"] == "failed" and answer["error"].startswith("22023")
     assert "no claim 424242" in answer["error"]
@@ -508,8 +582,9 @@ def test_other_vapi_message_types_are_stored_as_unhandled(service, db):
     org = open_wallet(service, balance_minor=10_000)
     call = payloads.vapi_call(org_id=str(org), status="in-progress", started_at=NOW)
     before = snapshot(db)
-    answer = vapi(service, {"message": {"type": "transcript", "role": "user", "transcript": "hello",
-                                        "call": call}})
+    answer = vapi(
+        service, {"message": {"type": "transcript", "role": "user", "transcript": "hello", "call": call}}
+    )
     assert answer["status"] == "ignored" and answer["note"] == "unhandled_type"
     after = snapshot(db)
     assert after["ledger_entries"] == before["ledger_entries"] and after["holds"] == before["holds"]
@@ -569,8 +644,13 @@ def test_releasing_a_call_of_an_org_without_a_wallet_is_rejected_unknown_org(ser
     service.execute("SELECT * FROM api.authorize_call(%s, 'call-shared', 10)", (owner,))
     before = snapshot(db)
     answer = service.execute("SELECT * FROM api.release_call(%s, 'call-shared')", (uuid.uuid4(),)).fetchone()
-    assert answer == {"status": "rejected", "entry_id": None, "amount_minor": None, "balance_minor": None,
-                      "reason": "unknown_org"}
+    assert answer == {
+        "status": "rejected",
+        "entry_id": None,
+        "amount_minor": None,
+        "balance_minor": None,
+        "reason": "unknown_org",
+    }
     assert snapshot(db) == before
     assert hold_row(db, "call-shared")["status"] == "open"
 
@@ -589,8 +669,9 @@ def test_reconciled_event_for_another_amount_is_a_mismatch_not_a_credit(service,
     credit = db.execute("SELECT id FROM billing.ledger_entries WHERE org_id = %s", (org,)).fetchone()["id"]
     run = start_run(service, "stripe")
     intent = payloads.stripe_payment_intent(pi_id=pi, org_id=str(org), amount=3000)
-    event = payloads.stripe_event(event_id=payloads.stripe_id("evt"), event_type="payment_intent.succeeded",
-                                  data_object=intent)
+    event = payloads.stripe_event(
+        event_id=payloads.stripe_id("evt"), event_type="payment_intent.succeeded", data_object=intent
+    )
     answer = value(service, "SELECT api.reconcile_stripe_event(%s, %s)", (run, Jsonb(event)))
     assert answer["outcome"] == "mismatch"
     assert answer["answer"]["result"]["status"] == "conflict"
@@ -612,8 +693,9 @@ def test_reconciled_call_that_has_not_ended_is_counted_not_charged(service, db):
     org = open_wallet(service, balance_minor=10_000)
     run = start_run(service, "vapi")
     updated = NOW - timedelta(minutes=1)
-    call = payloads.vapi_call(org_id=str(org), status="in-progress", started_at=NOW - timedelta(minutes=5),
-                              updated_at=updated)
+    call = payloads.vapi_call(
+        org_id=str(org), status="in-progress", started_at=NOW - timedelta(minutes=5), updated_at=updated
+    )
     before = snapshot(db)
     answer = value(service, "SELECT api.reconcile_vapi_call(%s, %s)", (run, Jsonb(call)))
     assert answer == {"outcome": "not_ended", "answer": None}

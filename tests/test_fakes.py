@@ -51,9 +51,7 @@ def receiver():
 def fake_stripe(receiver):
     """The Stripe fake wired to `receiver`, plus a StripeClient pointed at it."""
     base_url, stop = serve_in_thread(stripe_api.create_app(receiver.url, WEBHOOK_SECRET))
-    client = stripe.StripeClient(
-        "sk_test_fake", base_addresses={"api": base_url}, max_network_retries=0
-    )
+    client = stripe.StripeClient("sk_test_fake", base_addresses={"api": base_url}, max_network_retries=0)
     yield SimpleNamespace(url=base_url, client=client, received=receiver.received)
     stop()
 
@@ -83,8 +81,7 @@ def checkout_params(org_id="org_1", amount=2500):
 def delivered_events(fake):
     """Verify every delivery with stripe-python and return the events in arrival order."""
     return [
-        stripe.Webhook.construct_event(body, signature, WEBHOOK_SECRET)
-        for body, signature in fake.received
+        stripe.Webhook.construct_event(body, signature, WEBHOOK_SECRET) for body, signature in fake.received
     ]
 
 
@@ -210,11 +207,15 @@ def test_declined_off_session_payment_raises_card_error_and_replays(fake_stripe,
 
 def test_events_auto_paginate_newest_first_across_pages(fake_stripe):
     inserted = [
-        control(fake_stripe.url, "insert_event", {
-            "type": "payment_intent.succeeded",
-            "created": 1_700_000_000 + i // 10,
-            "data": {"object": {"id": f"pi_{i}", "object": "payment_intent"}},
-        })["id"]
+        control(
+            fake_stripe.url,
+            "insert_event",
+            {
+                "type": "payment_intent.succeeded",
+                "created": 1_700_000_000 + i // 10,
+                "data": {"object": {"id": f"pi_{i}", "object": "payment_intent"}},
+            },
+        )["id"]
         for i in range(250)
     ]
 
@@ -223,9 +224,7 @@ def test_events_auto_paginate_newest_first_across_pages(fake_stripe):
 
     assert seen == inserted[::-1]
     assert stats(fake_stripe.url)["endpoints"]["GET /v1/events"]["calls"] == 3
-    recent = fake_stripe.client.v1.events.list(
-        params={"limit": 100, "created": {"gte": 1_700_000_020}}
-    )
+    recent = fake_stripe.client.v1.events.list(params={"limit": 100, "created": {"gte": 1_700_000_020}})
     assert [e.id for e in recent.data] == inserted[:199:-1] and not recent.has_more
     before = requests.get(
         f"{fake_stripe.url}/v1/events",
@@ -404,14 +403,45 @@ def test_checkout_session_builder_has_every_documented_field():
     )
 
     documented = {
-        "id", "object", "after_expiration", "allow_promotion_codes", "amount_subtotal",
-        "amount_total", "automatic_tax", "billing_address_collection", "cancel_url",
-        "client_reference_id", "consent", "currency", "customer", "customer_creation",
-        "customer_details", "customer_email", "expires_at", "invoice", "livemode", "locale",
-        "metadata", "mode", "payment_intent", "payment_link", "payment_method_collection",
-        "payment_method_types", "payment_status", "phone_number_collection", "recovered_from",
-        "setup_intent", "shipping_address_collection", "shipping_cost", "shipping_details",
-        "status", "submit_type", "subscription", "success_url", "total_details", "url",
+        "id",
+        "object",
+        "after_expiration",
+        "allow_promotion_codes",
+        "amount_subtotal",
+        "amount_total",
+        "automatic_tax",
+        "billing_address_collection",
+        "cancel_url",
+        "client_reference_id",
+        "consent",
+        "currency",
+        "customer",
+        "customer_creation",
+        "customer_details",
+        "customer_email",
+        "expires_at",
+        "invoice",
+        "livemode",
+        "locale",
+        "metadata",
+        "mode",
+        "payment_intent",
+        "payment_link",
+        "payment_method_collection",
+        "payment_method_types",
+        "payment_status",
+        "phone_number_collection",
+        "recovered_from",
+        "setup_intent",
+        "shipping_address_collection",
+        "shipping_cost",
+        "shipping_details",
+        "status",
+        "submit_type",
+        "subscription",
+        "success_url",
+        "total_details",
+        "url",
     }
     assert documented <= session.keys()
     assert session["client_reference_id"] == "org_1" and session["metadata"] == {"org_id": "org_1"}
@@ -421,8 +451,11 @@ def test_checkout_session_builder_has_every_documented_field():
 def test_vapi_end_of_call_report_is_consistent_with_its_call():
     start = datetime(2025, 3, 1, 12, 0, 0, 250_000, tzinfo=UTC)
     call = payloads.vapi_call(
-        call_id="call-1", org_id="org_7", started_at=start,
-        ended_at=start + timedelta(seconds=90), cost=0.37,
+        call_id="call-1",
+        org_id="org_7",
+        started_at=start,
+        ended_at=start + timedelta(seconds=90),
+        cost=0.37,
     )
 
     message = payloads.vapi_end_of_call_report(call)["message"]
@@ -452,8 +485,11 @@ def test_vapi_hmac_headers_sign_timestamp_dot_body():
 def test_twilio_status_callback_signature_validates():
     url = "https://shim.example.test/webhooks/twilio/status"
     params = payloads.twilio_status_callback(
-        message_sid=payloads.twilio_sid("SM"), status="undelivered",
-        account_sid=payloads.twilio_sid("AC"), from_="+15550100200", to="+15555550123",
+        message_sid=payloads.twilio_sid("SM"),
+        status="undelivered",
+        account_sid=payloads.twilio_sid("AC"),
+        from_="+15550100200",
+        to="+15555550123",
     )
 
     signature = payloads.sign_twilio(url, params, "twilio-auth-token")

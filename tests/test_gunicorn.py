@@ -29,8 +29,12 @@ def gunicorn_url(db_url, tmp_path):
     port = free_port()
     metrics_dir = tmp_path / "metrics"
     metrics_dir.mkdir()
-    env = dict(os.environ, DATABASE_URL=db_url, PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
-               **{name.upper(): value for name, value in SECRETS.items()})
+    env = dict(
+        os.environ,
+        DATABASE_URL=db_url,
+        PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
+        **{name.upper(): value for name, value in SECRETS.items()},
+    )
     argv = gunicorn_argv(port, workers=2, threads=4)
     argv[argv.index("--bind") + 1] = f"127.0.0.1:{port}"
     log = tmp_path / "gunicorn.log"
@@ -59,8 +63,12 @@ def test_concurrent_deliveries_of_one_event_credit_once(gunicorn_url, service, d
 
     def deliver(_):
         header = payloads.sign_stripe(body, SECRETS["stripe_webhook_secret"], int(time.time()))
-        return requests.post(f"{gunicorn_url}/webhooks/stripe", data=body, timeout=30,
-                             headers={"Stripe-Signature": header, "Content-Type": "application/json"})
+        return requests.post(
+            f"{gunicorn_url}/webhooks/stripe",
+            data=body,
+            timeout=30,
+            headers={"Stripe-Signature": header, "Content-Type": "application/json"},
+        )
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
         answers = list(pool.map(deliver, range(32)))

@@ -49,7 +49,10 @@ def test_events_that_stop_applying_fire_success_rate_and_backlog(service, db, cl
     """Events for an org with no wallet cannot apply: they pile up as failed."""
     for _ in range(3):
         session, _ = paid_checkout(uuid.uuid4(), 2500)
-        assert post_stripe(client, stripe_event("checkout.session.completed", session)).json["status"] == "failed"
+        assert (
+            post_stripe(client, stripe_event("checkout.session.completed", session)).json["status"]
+            == "failed"
+        )
     assert alerts(service)[("WebhookSuccessRateLow", "stripe")]
     assert not alerts(service)[("WebhookBacklogStale", "stripe")]  # young backlog: not yet stale
     db.execute("UPDATE billing.webhook_events SET received_at = now() - interval '6 minutes'")
@@ -81,8 +84,10 @@ def test_stale_reconciliation_fires_only_once_owed(service, db):
     db.execute("UPDATE billing.ledger_entries SET created_at = now() - interval '27 hours'")
     db.execute("ALTER TABLE billing.ledger_entries ENABLE TRIGGER ledger_entries_append_only")
     assert alerts(service)[("ReconciliationStale", "stripe")]
-    db.execute("INSERT INTO billing.reconciliation_runs (provider, window_start, window_end, status, finished_at) "
-               "VALUES ('stripe', now() - interval '7 days', now(), 'completed', now())")
+    db.execute(
+        "INSERT INTO billing.reconciliation_runs (provider, window_start, window_end, status, finished_at) "
+        "VALUES ('stripe', now() - interval '7 days', now(), 'completed', now())"
+    )
     assert not alerts(service)[("ReconciliationStale", "stripe")]
     assert alerts(service)[("ReconciliationStale", "vapi")]
 
@@ -96,8 +101,12 @@ def test_low_balance_notifies_once_per_crossing(service, db):
     service.execute("SELECT api.deduct_call_credits(%s, 'call-again', 1200)", (org,))  # 1440 -> 40: again
     rows = service.execute("SELECT * FROM api.pending_notifications(10)").fetchall()
     assert [r["kind"] for r in rows] == ["low_balance", "low_balance"]
-    assert service.execute("SELECT api.mark_notifications_delivered(%s) AS n",
-                           ([r["id"] for r in rows],)).fetchone()["n"] == 2
+    assert (
+        service.execute(
+            "SELECT api.mark_notifications_delivered(%s) AS n", ([r["id"] for r in rows],)
+        ).fetchone()["n"]
+        == 2
+    )
     assert service.execute("SELECT * FROM api.pending_notifications(10)").fetchall() == []
 
 

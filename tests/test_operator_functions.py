@@ -8,8 +8,9 @@ from tests.senders import paid_checkout, post_stripe, stripe_event
 
 
 def adjust(conn, org, amount, key="ticket-1", note="ticket 1: double-billed call"):
-    return conn.execute("SELECT * FROM api.adjust_wallet(%s, %s::bigint, %s, %s)",
-                        (org, amount, key, note)).fetchone()
+    return conn.execute(
+        "SELECT * FROM api.adjust_wallet(%s, %s::bigint, %s, %s)", (org, amount, key, note)
+    ).fetchone()
 
 
 def test_adjustment_debits_and_credits_once_per_key(service, db):
@@ -25,8 +26,10 @@ def test_adjustment_debits_and_credits_once_per_key(service, db):
     assert wallet(db, org)["balance_minor"] == 850
 
 
-@pytest.mark.parametrize(("amount", "note", "field"), [(0, "why", "amount_minor"), (-5, "", "note"),
-                                                        (10**16, "why", "amount_minor")])
+@pytest.mark.parametrize(
+    ("amount", "note", "field"),
+    [(0, "why", "amount_minor"), (-5, "", "note"), (10**16, "why", "amount_minor")],
+)
 def test_invalid_adjustment_is_22023_and_changes_nothing(service, db, amount, note, field):
     org = open_wallet(service, balance_minor=1_000)
     before = snapshot(db)
@@ -44,11 +47,13 @@ def test_discarded_event_stops_alerting_and_moves_no_money(client, service, db):
     db.execute("UPDATE billing.webhook_events SET status = 'dead', next_attempt_at = NULL")
     row = db.execute("SELECT id FROM billing.webhook_events").fetchone()
     before = db.execute("SELECT count(*) AS n FROM billing.ledger_entries").fetchone()["n"]
-    answer = service.execute("SELECT api.discard_webhook_event(%s, 'test event from staging') AS a",
-                             (row["id"],)).fetchone()["a"]
+    answer = service.execute(
+        "SELECT api.discard_webhook_event(%s, 'test event from staging') AS a", (row["id"],)
+    ).fetchone()["a"]
     assert answer["status"] == "ignored"
-    firing = service.execute("SELECT firing FROM api.health_alerts() WHERE alert = 'WebhookDeadLetters' "
-                             "AND provider = 'stripe'").fetchone()["firing"]
+    firing = service.execute(
+        "SELECT firing FROM api.health_alerts() WHERE alert = 'WebhookDeadLetters' AND provider = 'stripe'"
+    ).fetchone()["firing"]
     assert firing is False
     assert db.execute("SELECT count(*) AS n FROM billing.ledger_entries").fetchone()["n"] == before
     with pytest.raises(psycopg.errors.InvalidParameterValue):

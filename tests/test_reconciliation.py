@@ -7,6 +7,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
+import stripe
 
 from shim.fakes import payloads
 from shim.pool import open_pool
@@ -32,20 +33,29 @@ def vapi_calls(fake_vapi):
 
 def pay(client, fake_stripe, org, amount):
     """A customer pays a top-up through Checkout (its events delivered or not, per the fake)."""
-    answer = client.post("/top-ups", json={"amount_minor": amount, "client_request_id": str(uuid.uuid4())},
-                         headers={"Authorization": f"Bearer {supabase_token(org)}"})
+    answer = client.post(
+        "/top-ups",
+        json={"amount_minor": amount, "client_request_id": str(uuid.uuid4())},
+        headers={"Authorization": f"Bearer {supabase_token(org)}"},
+    )
     return fake_stripe.control(f"complete_session/{answer.json['session_id']}")
 
 
 def ended_calls(org, n, start=NOW - timedelta(hours=2), seconds=60):
-    return [payloads.vapi_call(org_id=str(org), started_at=start + timedelta(seconds=i * 3),
-                               ended_at=start + timedelta(seconds=i * 3 + seconds),
-                               updated_at=start + timedelta(seconds=i * 3 + seconds + 1))
-            for i in range(n)]
+    return [
+        payloads.vapi_call(
+            org_id=str(org),
+            started_at=start + timedelta(seconds=i * 3),
+            ended_at=start + timedelta(seconds=i * 3 + seconds),
+            updated_at=start + timedelta(seconds=i * 3 + seconds + 1),
+        )
+        for i in range(n)
+    ]
 
 
-def test_a_day_with_a_fifth_of_webhooks_dropped_is_made_whole(client, service, db, stripe_delivers, shim_config,
-                                                             pool, fake_vapi, vapi_calls):
+def test_a_day_with_a_fifth_of_webhooks_dropped_is_made_whole(
+    client, service, db, stripe_delivers, shim_config, pool, fake_vapi, vapi_calls
+):
     orgs = [open_wallet(service, balance_minor=100_000) for _ in range(3)]
     stripe_delivers.control("webhooks", {"drop_ratio": 0.2, "seed": 7})
     for i in range(15):
@@ -63,10 +73,14 @@ def test_a_day_with_a_fifth_of_webhooks_dropped_is_made_whole(client, service, d
     assert stripe_run["status"] == vapi_run["status"] == "completed"
     assert stripe_run["recovered"] >= 1 and vapi_run["recovered"] >= 1
 
-    top_ups = db.execute("SELECT count(*) AS n, sum(amount_minor) AS total FROM billing.ledger_entries "
-                         "WHERE kind = 'top_up' AND source = 'stripe'").fetchone()
+    top_ups = db.execute(
+        "SELECT count(*) AS n, sum(amount_minor) AS total FROM billing.ledger_entries "
+        "WHERE kind = 'top_up' AND source = 'stripe'"
+    ).fetchone()
     assert top_ups["n"] == 15 and top_ups["total"] == sum(1000 + i for i in range(15))
-    charges = db.execute("SELECT count(*) AS n FROM billing.ledger_entries WHERE kind = 'call_charge'").fetchone()
+    charges = db.execute(
+        "SELECT count(*) AS n FROM billing.ledger_entries WHERE kind = 'call_charge'"
+    ).fetchone()
     assert charges["n"] == 30
     for org in orgs:  # 10 one-minute calls of 70 each
         expected_topups = sum(1000 + i for i in range(15) if i % 3 == orgs.index(org))
@@ -78,16 +92,23 @@ def test_a_day_with_a_fifth_of_webhooks_dropped_is_made_whole(client, service, d
     assert again["already_applied"] == again["seen"]
 
 
-def test_reconciliation_racing_live_webhooks_credits_once(client, service, db, stripe_delivers, shim_config, pool):
+def test_reconciliation_racing_live_webhooks_credits_once(
+    client, service, db, stripe_delivers, shim_config, pool
+):
     org = open_wallet(service)
     stripe_delivers.control("webhooks", {"deliver": False})
     for i in range(20):
         pay(client, stripe_delivers, org, 1000 + i)
-    redelivery = threading.Thread(target=lambda: stripe_delivers.control("webhooks", {"deliver": True})
-                                  or stripe_delivers.control("redeliver", {}))
+    redelivery = threading.Thread(
+        target=lambda: (
+            stripe_delivers.control("webhooks", {"deliver": True}) or stripe_delivers.control("redeliver", {})
+        )
+    )
     redelivery.start()
-    runs = [threading.Thread(target=reconcile_stripe, args=(pool, make_client(shim_config), timedelta(days=1)))
-            for _ in range(2)]
+    runs = [
+        threading.Thread(target=reconcile_stripe, args=(pool, make_client(shim_config), timedelta(days=1)))
+        for _ in range(2)
+    ]
     for run in runs:
         run.start()
     for thread in [redelivery, *runs]:
@@ -98,25 +119,36 @@ def test_reconciliation_racing_live_webhooks_credits_once(client, service, db, s
 
 def test_phantom_credit_is_reported(client, service, db, fake_stripe, shim_config, pool):
     org = open_wallet(service)
-    service.execute("SELECT api.add_wallet_credits(%s, 5000, 'forged', 'top_up', 'stripe', "
-                    "'stripe:payment_intent:pi_NeverHappened')", (org,))
+    service.execute(
+        "SELECT api.add_wallet_credits(%s, 5000, 'forged', 'top_up', 'stripe', "
+        "'stripe:payment_intent:pi_NeverHappened')",
+        (org,),
+    )
     run = reconcile_stripe(pool, make_client(shim_config), timedelta(days=1))
     assert run["discrepancies"] == 1
     found = db.execute("SELECT * FROM billing.discrepancies").fetchone()
     assert (found["kind"], found["ref"], found["status"]) == ("phantom", "pi_NeverHappened", "open")
-    resolved = service.execute("SELECT api.resolve_discrepancy(%s, 'reversed by adjustment #1') AS d",
-                               (found["id"],)).fetchone()["d"]
+    resolved = service.execute(
+        "SELECT api.resolve_discrepancy(%s, 'reversed by adjustment #1') AS d", (found["id"],)
+    ).fetchone()["d"]
     assert resolved["status"] == "resolved"
 
 
-def test_duration_mismatch_and_unattributed_calls_are_reported(client, service, db, pool, fake_vapi, vapi_calls):
+def test_duration_mismatch_and_unattributed_calls_are_reported(
+    client, service, db, pool, fake_vapi, vapi_calls
+):
     org = open_wallet(service, balance_minor=10_000)
     (call,) = ended_calls(org, 1, seconds=60)
-    report = payloads.vapi_end_of_call_report(call, started_at=NOW - timedelta(hours=2),
-                                              ended_at=NOW - timedelta(hours=2) + timedelta(seconds=30))
+    report = payloads.vapi_end_of_call_report(
+        call, started_at=NOW - timedelta(hours=2), ended_at=NOW - timedelta(hours=2) + timedelta(seconds=30)
+    )
     post_vapi(client, report)  # the webhook said 30 s; Vapi's record says 60 s
-    stray = payloads.vapi_call(started_at=NOW - timedelta(hours=1), ended_at=NOW - timedelta(minutes=59),
-                               updated_at=NOW - timedelta(minutes=58), assistant_id="asst-unknown")
+    stray = payloads.vapi_call(
+        started_at=NOW - timedelta(hours=1),
+        ended_at=NOW - timedelta(minutes=59),
+        updated_at=NOW - timedelta(minutes=58),
+        assistant_id="asst-unknown",
+    )
     fake_vapi.control("calls", [call, stray])
     run = reconcile_vapi(pool, vapi_calls, timedelta(days=1))
     kinds = sorted(d["kind"] for d in db.execute("SELECT kind FROM billing.discrepancies").fetchall())
@@ -128,10 +160,15 @@ def test_duration_mismatch_and_unattributed_calls_are_reported(client, service, 
 def test_window_of_2500_calls_is_paged_completely(service, db, pool, fake_vapi, vapi_calls):
     org = open_wallet(service, balance_minor=1_000_000)
     start = NOW - timedelta(hours=20)
-    calls = [payloads.vapi_call(org_id=str(org), started_at=start + timedelta(seconds=i * 10),
-                                ended_at=start + timedelta(seconds=i * 10 + 6),
-                                updated_at=start + timedelta(seconds=i * 10 + 7))
-             for i in range(2500)]
+    calls = [
+        payloads.vapi_call(
+            org_id=str(org),
+            started_at=start + timedelta(seconds=i * 10),
+            ended_at=start + timedelta(seconds=i * 10 + 6),
+            updated_at=start + timedelta(seconds=i * 10 + 7),
+        )
+        for i in range(2500)
+    ]
     fake_vapi.control("calls", calls)
     run = reconcile_vapi(pool, vapi_calls, timedelta(days=1))
     assert run["recovered"] == 2500
@@ -140,8 +177,9 @@ def test_window_of_2500_calls_is_paged_completely(service, db, pool, fake_vapi, 
     assert limits == {"1000"}
 
 
-def test_429_answers_are_retried_and_the_run_completes(client, service, db, pool, fake_vapi, vapi_calls,
-                                                       fake_stripe, shim_config):
+def test_429_answers_are_retried_and_the_run_completes(
+    client, service, db, pool, fake_vapi, vapi_calls, fake_stripe, shim_config
+):
     org = open_wallet(service, balance_minor=10_000)
     fake_vapi.control("calls", ended_calls(org, 3))
     fake_vapi.control("fail", {"count": 2, "status": 429})
@@ -153,8 +191,9 @@ def test_429_answers_are_retried_and_the_run_completes(client, service, db, pool
     assert run["status"] == "completed" and run["recovered"] == 1
 
 
-def test_interrupted_run_resumes_from_its_cursor(client, service, db, fake_stripe, shim_config, pool,
-                                                monkeypatch):
+def test_interrupted_run_resumes_from_its_cursor(
+    client, service, db, fake_stripe, shim_config, pool, monkeypatch
+):
     """A run that dies after its first page is resumed, over the same window, from the cursor
     of the last event it applied; what it had applied stays applied exactly once."""
     import shim.reconcile as reconcile
@@ -185,7 +224,9 @@ def test_interrupted_run_resumes_from_its_cursor(client, service, db, fake_strip
     assert wallet(db, org)["balance_minor"] == sum(1000 + i for i in range(5))
 
 
-def test_cli_resume_continues_the_failed_window(client, service, db, fake_stripe, shim_config, pool, monkeypatch):
+def test_cli_resume_continues_the_failed_window(
+    client, service, db, fake_stripe, shim_config, pool, monkeypatch
+):
     """`creditledger reconcile stripe --resume` picks the failed run's own window, whatever now is."""
     from shim.worker import reconcile_provider
 
@@ -193,8 +234,10 @@ def test_cli_resume_continues_the_failed_window(client, service, db, fake_stripe
     pay(client, fake_stripe, org, 1500)
     fake_stripe.control("fail", {"count": 5, "status": 500, "path_prefix": "/v1/events"})
     window_end = datetime.now(UTC) + timedelta(minutes=1)  # not 'now': the resume must reuse it
-    with pytest.raises(Exception):
-        reconcile_stripe(pool, make_client(shim_config, max_network_retries=0), timedelta(days=2), now=window_end)
+    with pytest.raises(stripe.APIError):
+        reconcile_stripe(
+            pool, make_client(shim_config, max_network_retries=0), timedelta(days=2), now=window_end
+        )
     failed = db.execute("SELECT * FROM billing.reconciliation_runs").fetchone()
     resumed = reconcile_provider(pool, shim_config, "stripe", resume=True)
     assert resumed["id"] == failed["id"] and resumed["status"] == "completed"
@@ -205,14 +248,18 @@ def test_cli_resume_continues_the_failed_window(client, service, db, fake_stripe
 def test_failed_runs_are_retried_after_ten_minutes_not_every_pass(service, db):
     due = lambda: service.execute("SELECT api.reconciliation_due('vapi') AS d").fetchone()["d"]["due"]  # noqa: E731
     assert due()
-    db.execute("INSERT INTO billing.reconciliation_runs (provider, window_start, window_end, status) "
-               "VALUES ('vapi', now() - interval '1 day', now(), 'failed')")
+    db.execute(
+        "INSERT INTO billing.reconciliation_runs (provider, window_start, window_end, status) "
+        "VALUES ('vapi', now() - interval '1 day', now(), 'failed')"
+    )
     assert not due()
     db.execute("UPDATE billing.reconciliation_runs SET started_at = now() - interval '11 minutes'")
     assert due()
 
 
-def test_events_waiting_in_the_inbox_are_not_counted_as_applied(client, service, db, fake_stripe, shim_config, pool):
+def test_events_waiting_in_the_inbox_are_not_counted_as_applied(
+    client, service, db, fake_stripe, shim_config, pool
+):
     """A payment whose event is stored 'failed' (no wallet yet) is not 'already applied'."""
     from tests.senders import paid_checkout, stripe_event
 

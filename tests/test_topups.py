@@ -10,9 +10,11 @@ from tests.jwt_tokens import bearer, supabase_token
 
 
 def top_up(client, org, amount=2500, request_id=None, token=None):
-    return client.post("/top-ups", json={"amount_minor": amount,
-                                         "client_request_id": str(request_id or uuid.uuid4())},
-                       headers=bearer(token or supabase_token(org)))
+    return client.post(
+        "/top-ups",
+        json={"amount_minor": amount, "client_request_id": str(request_id or uuid.uuid4())},
+        headers=bearer(token or supabase_token(org)),
+    )
 
 
 def creations(fake_stripe) -> dict:
@@ -67,8 +69,10 @@ def test_retry_after_a_timeout_reuses_the_idempotency_key(client, service, db, f
     assert first.status_code == 200  # stripe-python retried the 500 with the same key
     assert creations(fake_stripe)["created"] == 1
 
-    db.execute("UPDATE billing.checkout_requests SET status = 'creating', session_id = NULL, "
-               "checkout_url = NULL, lease_until = now() - interval '1 second'")
+    db.execute(
+        "UPDATE billing.checkout_requests SET status = 'creating', session_id = NULL, "
+        "checkout_url = NULL, lease_until = now() - interval '1 second'"
+    )
     again = top_up(client, org, request_id=request_id, token=token)
     assert again.json["session_id"] == first.json["session_id"]
     assert creations(fake_stripe)["created"] == 1
@@ -100,8 +104,9 @@ def test_bad_tokens_are_401(client, service, db, problem):
         "wrong_secret": supabase_token(org, secret="another-secret-of-at-least-32-bytes!"),
     }[problem]
     headers = bearer(token) if token else {}
-    answer = client.post("/top-ups", json={"amount_minor": 2500, "client_request_id": str(uuid.uuid4())},
-                         headers=headers)
+    answer = client.post(
+        "/top-ups", json={"amount_minor": 2500, "client_request_id": str(uuid.uuid4())}, headers=headers
+    )
     assert answer.status_code == 401
     assert db.execute("SELECT count(*) AS n FROM billing.checkout_requests").fetchone()["n"] == 0
 

@@ -20,8 +20,10 @@ def proxied_client(db_url, shim_config):
     """The app reaching its database through a proxy the test can cut."""
     params = conninfo_to_dict(db_url)
     proxy = DatabaseProxy(params.get("host") or "localhost", int(params.get("port") or 5432))
-    url = (f"postgresql://{params.get('user') or 'postgres'}:{params.get('password') or ''}"
-           f"@127.0.0.1:{proxy.port}/{params['dbname']}")
+    url = (
+        f"postgresql://{params.get('user') or 'postgres'}:{params.get('password') or ''}"
+        f"@127.0.0.1:{proxy.port}/{params['dbname']}"
+    )
     pool = open_pool(url, max_size=2)
     pool.open(wait=True)
     try:
@@ -70,7 +72,8 @@ def test_connection_killed_between_storing_and_applying_leaves_neither(client, s
     for _ in range(200):
         victim = db.execute(
             "SELECT pid FROM pg_stat_activity WHERE query LIKE '%%api.ingest_webhook%%' "
-            "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()").fetchone()
+            "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+        ).fetchone()
         if victim:
             break
         time.sleep(0.025)

@@ -46,7 +46,10 @@ def test_checkout_and_payment_intent_events_credit_once(client, service, db):
     org = open_wallet(service)
     session, pi = paid_checkout(org, 4000)
     intent = payloads.stripe_payment_intent(pi_id=pi, org_id=str(org), amount=4000)
-    assert post_stripe(client, stripe_event("payment_intent.succeeded", intent)).json["result"]["status"] == "applied"
+    assert (
+        post_stripe(client, stripe_event("payment_intent.succeeded", intent)).json["result"]["status"]
+        == "applied"
+    )
     second = post_stripe(client, stripe_event("checkout.session.completed", session))
     assert second.json["result"]["status"] == "duplicate"
     assert wallet(db, org)["balance_minor"] == 4000
@@ -79,19 +82,23 @@ def test_refund_debits_per_refund_id_not_cumulative(client, service, db):
     session, pi = paid_checkout(org, 5000)
     post_stripe(client, stripe_event("checkout.session.completed", session))
     charge_id = payloads.stripe_id("ch_")
-    first = payloads.stripe_refund(refund_id=payloads.stripe_id("re_"), payment_intent=pi,
-                                   charge=charge_id, amount=1000)
-    second = payloads.stripe_refund(refund_id=payloads.stripe_id("re_"), payment_intent=pi,
-                                    charge=charge_id, amount=500)
+    first = payloads.stripe_refund(
+        refund_id=payloads.stripe_id("re_"), payment_intent=pi, charge=charge_id, amount=1000
+    )
+    second = payloads.stripe_refund(
+        refund_id=payloads.stripe_id("re_"), payment_intent=pi, charge=charge_id, amount=500
+    )
     # charge.refunded after the second refund lists both, with amount_refunded = 1500.
-    charge = payloads.stripe_charge(charge_id=charge_id, payment_intent=pi, amount=5000,
-                                    amount_refunded=1500, refunds=[first, second])
+    charge = payloads.stripe_charge(
+        charge_id=charge_id, payment_intent=pi, amount=5000, amount_refunded=1500, refunds=[first, second]
+    )
     post_stripe(client, stripe_event("refund.created", first))
     post_stripe(client, stripe_event("charge.refunded", charge))
     post_stripe(client, stripe_event("refund.created", second))
     assert wallet(db, org)["balance_minor"] == 5000 - 1500
-    kinds = db.execute("SELECT kind, amount_minor FROM billing.ledger_entries WHERE org_id = %s ORDER BY id",
-                       (org,)).fetchall()
+    kinds = db.execute(
+        "SELECT kind, amount_minor FROM billing.ledger_entries WHERE org_id = %s ORDER BY id", (org,)
+    ).fetchall()
     assert [k["amount_minor"] for k in kinds] == [5000, -1000, -500]
 
 
@@ -100,15 +107,18 @@ def test_refund_before_its_payment_is_kept_for_the_worker(client, service, db):
     applied to a guessed org); once the payment is credited, the worker's retry applies it."""
     org = open_wallet(service)
     session, pi = paid_checkout(org, 5000)
-    refund = payloads.stripe_refund(refund_id=payloads.stripe_id("re_"), payment_intent=pi,
-                                    charge=payloads.stripe_id("ch_"), amount=2000)
+    refund = payloads.stripe_refund(
+        refund_id=payloads.stripe_id("re_"), payment_intent=pi, charge=payloads.stripe_id("ch_"), amount=2000
+    )
     early = stripe_event("refund.created", refund)
     answer = post_stripe(client, early)
     assert answer.status_code == 200 and answer.json["status"] == "failed"
     assert ledger_count(db) == 0
 
     post_stripe(client, stripe_event("checkout.session.completed", session))
-    db.execute("UPDATE billing.webhook_events SET next_attempt_at = now() WHERE event_id = %s", (early["id"],))
+    db.execute(
+        "UPDATE billing.webhook_events SET next_attempt_at = now() WHERE event_id = %s", (early["id"],)
+    )
     counts = service.execute("SELECT api.retry_webhook_events(10) AS c").fetchone()["c"]
     assert counts == {"processed": 1}
     assert wallet(db, org)["balance_minor"] == 3000
@@ -118,8 +128,9 @@ def test_dispute_withdrawn_then_won_nets_to_zero(client, service, db):
     org = open_wallet(service)
     session, pi = paid_checkout(org, 5000)
     post_stripe(client, stripe_event("checkout.session.completed", session))
-    dispute = payloads.stripe_dispute(dispute_id=payloads.stripe_id("dp_"), payment_intent=pi,
-                                      charge=payloads.stripe_id("ch_"), amount=5000)
+    dispute = payloads.stripe_dispute(
+        dispute_id=payloads.stripe_id("dp_"), payment_intent=pi, charge=payloads.stripe_id("ch_"), amount=5000
+    )
     post_stripe(client, stripe_event("charge.dispute.created", dispute))
     post_stripe(client, stripe_event("charge.dispute.funds_withdrawn", dispute))
     assert wallet(db, org)["balance_minor"] == 0
@@ -172,8 +183,12 @@ def test_bad_signature_is_400_and_stores_nothing(client, service, db, tamper):
     before = snapshot(db)
     if tamper == "body":
         header = payloads.sign_stripe(body, "whsec_test_secret", int(time.time()))
-        answer = client.post("/webhooks/stripe", data=body.replace(b"2500", b"9999"),
-                             content_type="application/json", headers={"Stripe-Signature": header})
+        answer = client.post(
+            "/webhooks/stripe",
+            data=body.replace(b"2500", b"9999"),
+            content_type="application/json",
+            headers={"Stripe-Signature": header},
+        )
     elif tamper == "secret":
         answer = post_stripe(client, event, secret="whsec_wrong")
     elif tamper == "stale":

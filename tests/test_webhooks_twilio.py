@@ -10,8 +10,9 @@ ACCOUNT = "AC" + "0" * 32
 
 
 def callback(sid, status):
-    return payloads.twilio_status_callback(message_sid=sid, status=status, account_sid=ACCOUNT,
-                                           from_="+15550000001", to="+15550000002")
+    return payloads.twilio_status_callback(
+        message_sid=sid, status=status, account_sid=ACCOUNT, from_="+15550000001", to="+15550000002"
+    )
 
 
 @pytest.fixture

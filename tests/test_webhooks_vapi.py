@@ -10,8 +10,12 @@ START = datetime(2026, 11, 24, 9, 0, 0, tzinfo=UTC)
 
 
 def ended_call(org_id=None, seconds=125.2, **kwargs):
-    return payloads.vapi_call(org_id=str(org_id) if org_id else None, started_at=START,
-                              ended_at=START + timedelta(seconds=seconds), **kwargs)
+    return payloads.vapi_call(
+        org_id=str(org_id) if org_id else None,
+        started_at=START,
+        ended_at=START + timedelta(seconds=seconds),
+        **kwargs,
+    )
 
 
 def test_status_update_holds_and_report_charges(client, service, db):
@@ -25,8 +29,13 @@ def test_status_update_holds_and_report_charges(client, service, db):
     report = post_vapi(client, payloads.vapi_end_of_call_report(call))
     assert report.status_code == 200
     # 125.2 s rounds up to 126 s; ceil(126 * 70 / 60) = 147
-    assert report.json["result"] == {"status": "applied", "entry_id": report.json["result"]["entry_id"],
-                                     "amount_minor": -147, "balance_minor": 10_000 - 147, "reason": None}
+    assert report.json["result"] == {
+        "status": "applied",
+        "entry_id": report.json["result"]["entry_id"],
+        "amount_minor": -147,
+        "balance_minor": 10_000 - 147,
+        "reason": None,
+    }
     assert wallet(db, org)["held_minor"] == 0
 
 
@@ -53,8 +62,9 @@ def test_call_that_never_connected_charges_nothing_and_frees_its_hold(client, se
     org = open_wallet(service, balance_minor=1_000)
     live = payloads.vapi_call(org_id=str(org), started_at=START, status="in-progress")
     post_vapi(client, payloads.vapi_status_update(live, "in-progress"))
-    never = payloads.vapi_call(org_id=str(org), call_id=live["id"], ended_at=START,
-                               ended_reason="customer-did-not-answer")
+    never = payloads.vapi_call(
+        org_id=str(org), call_id=live["id"], ended_at=START, ended_reason="customer-did-not-answer"
+    )
     never.pop("startedAt", None)
     message = payloads.vapi_end_of_call_report(never)
     message["message"].pop("startedAt", None)

@@ -34,9 +34,11 @@ class Day:
         self.http = requests.Session()
         self.db = psycopg.connect(stack.db_url, autocommit=True, row_factory=dict_row)
         self.morning = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=10)
-        self.orgs = [Org("Acme Dental", uuid.uuid4(), "pm_card_acme"),
-                     Org("Bolt Logistics", uuid.uuid4(), "pm_card_bolt_declines"),
-                     Org("Cedar Realty", uuid.uuid4(), "pm_card_cedar")]
+        self.orgs = [
+            Org("Acme Dental", uuid.uuid4(), "pm_card_acme"),
+            Org("Bolt Logistics", uuid.uuid4(), "pm_card_bolt_declines"),
+            Org("Cedar Realty", uuid.uuid4(), "pm_card_cedar"),
+        ]
         self.recovered = {}
 
     # ------------------------------------------------------------------ plumbing
@@ -51,23 +53,39 @@ class Day:
 
     def token(self, org: Org, role="owner") -> str:
         now = int(time.time())
-        claims = {"aud": "authenticated", "role": "authenticated", "sub": str(uuid.uuid4()),
-                  "iat": now, "exp": now + 3600,
-                  "app_metadata": {"org_id": str(org.org_id), "org_role": role}}
+        claims = {
+            "aud": "authenticated",
+            "role": "authenticated",
+            "sub": str(uuid.uuid4()),
+            "iat": now,
+            "exp": now + 3600,
+            "app_metadata": {"org_id": str(org.org_id), "org_role": role},
+        }
         return jwt.encode(claims, SECRETS["SUPABASE_JWT_SECRET"], algorithm="HS256")
 
     def vapi(self, message: dict):
-        answer = self.http.post(f"{self.stack.shim_url}/webhooks/vapi", json=message, timeout=30,
-                                headers={"X-Vapi-Secret": SECRETS["VAPI_WEBHOOK_SECRET"]})
+        answer = self.http.post(
+            f"{self.stack.shim_url}/webhooks/vapi",
+            json=message,
+            timeout=30,
+            headers={"X-Vapi-Secret": SECRETS["VAPI_WEBHOOK_SECRET"]},
+        )
         answer.raise_for_status()
         return answer.json()
 
     def twilio(self, sid: str, status: str):
-        params = payloads.twilio_status_callback(message_sid=sid, status=status, account_sid=TWILIO_ACCOUNT,
-                                                 from_="+15550100000", to="+15550199999")
+        params = payloads.twilio_status_callback(
+            message_sid=sid,
+            status=status,
+            account_sid=TWILIO_ACCOUNT,
+            from_="+15550100000",
+            to="+15550199999",
+        )
         url = f"{self.stack.shim_url}/webhooks/twilio/sms-status"
         signature = payloads.sign_twilio(url, params, SECRETS["TWILIO_AUTH_TOKEN"])
-        self.http.post(url, data=params, headers={"X-Twilio-Signature": signature}, timeout=30).raise_for_status()
+        self.http.post(
+            url, data=params, headers={"X-Twilio-Signature": signature}, timeout=30
+        ).raise_for_status()
 
     def wait_for(self, what: str, condition, seconds: float = 20):
         """The worker runs on its own schedule: wait (bounded) for what it should do."""
@@ -86,8 +104,9 @@ class Day:
             self.sql("SELECT api.set_payment_method(%s, %s, %s)", org.org_id, f"cus_{org.card[8:]}", org.card)
             self.sql("SELECT api.set_low_balance_threshold(%s, 1500)", org.org_id)
         self.sql("SELECT api.set_pricing(%s, 90, 6, 2)", self.orgs[2].org_id)  # Cedar: premium voice
-        self.control(self.stack.stripe_url, "decline", {"payment_method": self.orgs[1].card,
-                                                         "code": "card_declined"})
+        self.control(
+            self.stack.stripe_url, "decline", {"payment_method": self.orgs[1].card, "code": "card_declined"}
+        )
         self.progress("wallets opened, cards saved")
 
     def top_up(self, org: Org, amount: int, clicks: int = 1) -> str:
@@ -95,9 +114,12 @@ class Day:
         request_id = str(uuid.uuid4())
         sessions = set()
         for _ in range(clicks):
-            answer = self.http.post(f"{self.stack.shim_url}/top-ups", timeout=30,
-                                    json={"amount_minor": amount, "client_request_id": request_id},
-                                    headers={"Authorization": f"Bearer {self.token(org)}"})
+            answer = self.http.post(
+                f"{self.stack.shim_url}/top-ups",
+                timeout=30,
+                json={"amount_minor": amount, "client_request_id": request_id},
+                headers={"Authorization": f"Bearer {self.token(org)}"},
+            )
             answer.raise_for_status()
             sessions.add(answer.json()["session_id"])
         assert len(sessions) == 1, "a double click must not open a second Checkout Session"
@@ -105,17 +127,21 @@ class Day:
         return paid["payment_intent"]["id"]
 
     def morning_top_ups(self):
-        self.intents = {org.name: self.top_up(org, amount, clicks=2 if org is self.orgs[0] else 1)
-                        for org, amount in zip(self.orgs, (12_000, 5_000, 15_000), strict=True)}
+        self.intents = {
+            org.name: self.top_up(org, amount, clicks=2 if org is self.orgs[0] else 1)
+            for org, amount in zip(self.orgs, (12_000, 5_000, 15_000), strict=True)
+        }
         self.progress("morning top-ups (Acme double-clicked: one session)")
 
     def autorecharge_settings(self):
         for org, threshold, amount in ((self.orgs[0], 3_000, 10_000), (self.orgs[1], 2_500, 5_000)):
             # The owner switches it on from the app: the same call PostgREST makes, as that user.
             with self.db.transaction():
-                self.db.execute("SELECT set_config('role', 'authenticated', true), "
-                                "set_config('request.jwt.claims', %s, true)",
-                                (json.dumps(jwt.decode(self.token(org), options={"verify_signature": False})),))
+                self.db.execute(
+                    "SELECT set_config('role', 'authenticated', true), "
+                    "set_config('request.jwt.claims', %s, true)",
+                    (json.dumps(jwt.decode(self.token(org), options={"verify_signature": False})),),
+                )
                 self.db.execute("SELECT api.configure_auto_recharge(true, %s, %s)", (threshold, amount))
         self.progress("auto-recharge on for Acme and Bolt")
 
@@ -124,11 +150,14 @@ class Day:
         start = self.morning + timedelta(minutes=minute)
         live = payloads.vapi_call(org_id=str(org.org_id), started_at=start, status="in-progress")
         self.vapi(payloads.vapi_status_update(live, "in-progress"))
-        ended = payloads.vapi_call(org_id=str(org.org_id), call_id=live["id"],
-                                   started_at=start if connected else None,
-                                   ended_at=start + timedelta(seconds=seconds),
-                                   updated_at=start + timedelta(seconds=seconds + 2),
-                                   ended_reason="customer-ended-call" if connected else "customer-did-not-answer")
+        ended = payloads.vapi_call(
+            org_id=str(org.org_id),
+            call_id=live["id"],
+            started_at=start if connected else None,
+            ended_at=start + timedelta(seconds=seconds),
+            updated_at=start + timedelta(seconds=seconds + 2),
+            ended_reason="customer-ended-call" if connected else "customer-did-not-answer",
+        )
         self.calls.append(ended)
         if report:
             message = payloads.vapi_end_of_call_report(ended)
@@ -141,15 +170,25 @@ class Day:
         durations = [185.4, 62.0, 340.9, 12.5, 600.0, 95.3, 44.1, 121.7, 250.0, 30.2]
         for i in range(30):
             org = self.orgs[i % 3]
-            self.call(org, 60 + i * 12, durations[i % len(durations)], duplicate=(i % 7 == 0),
-                      connected=(i % 11 != 5))
+            self.call(
+                org,
+                60 + i * 12,
+                durations[i % len(durations)],
+                duplicate=(i % 7 == 0),
+                connected=(i % 11 != 5),
+            )
         self.progress("30 calls (some reported twice, one never connected)")
 
     def sms_traffic(self):
         for i, org in enumerate(self.orgs * 3):
             sid = payloads.twilio_sid("SM")
             self.sql("SELECT api.register_sms(%s, %s, %s)", org.org_id, sid, 1 + i % 3)
-            statuses = [["sent", "delivered"], ["delivered", "sent"], ["failed"], ["sent", "sent", "undelivered"]][i % 4]
+            statuses = [
+                ["sent", "delivered"],
+                ["delivered", "sent"],
+                ["failed"],
+                ["sent", "sent", "undelivered"],
+            ][i % 4]
             for status in statuses:
                 self.twilio(sid, status)
         self.progress("9 SMS: delivered, out of order, failed, duplicated")
@@ -171,8 +210,14 @@ class Day:
         import sys
 
         for provider, since in (("stripe", "1d"), ("vapi", "1d")):
-            done = subprocess.run([sys.executable, "-m", "shim.cli", "reconcile", provider, "--since", since],
-                                  env=self.stack.env, capture_output=True, text=True, timeout=120, check=True)
+            done = subprocess.run(
+                [sys.executable, "-m", "shim.cli", "reconcile", provider, "--since", since],
+                env=self.stack.env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=True,
+            )
             self.recovered[provider] = json.loads(done.stdout)
         self.progress("reconciliation recovered what the outage lost")
 
@@ -182,22 +227,43 @@ class Day:
             self.call(self.orgs[0], 700 + i * 3, 900.0)
             if i < 6:
                 self.call(self.orgs[1], 701 + i * 3, 600.0)
-        self.wait_for("Acme's auto-recharge to be credited", lambda: self.sql(
-            "SELECT 1 FROM billing.recharge_claims WHERE org_id = %s AND status = 'succeeded'", self.orgs[0].org_id))
-        self.wait_for("Bolt's declined recharge", lambda: self.sql(
-            "SELECT 1 FROM billing.recharge_claims WHERE org_id = %s AND status = 'failed'", self.orgs[1].org_id))
+        self.wait_for(
+            "Acme's auto-recharge to be credited",
+            lambda: self.sql(
+                "SELECT 1 FROM billing.recharge_claims WHERE org_id = %s AND status = 'succeeded'",
+                self.orgs[0].org_id,
+            ),
+        )
+        self.wait_for(
+            "Bolt's declined recharge",
+            lambda: self.sql(
+                "SELECT 1 FROM billing.recharge_claims WHERE org_id = %s AND status = 'failed'",
+                self.orgs[1].org_id,
+            ),
+        )
         self.progress("auto-recharge: Acme charged once, Bolt's card declined (cooling down)")
 
     def refund_and_dispute(self):
-        self.control(self.stack.stripe_url, "refund", {"payment_intent": self.intents["Cedar Realty"],
-                                                       "amount": 2_500})
-        dispute = self.control(self.stack.stripe_url, "dispute",
-                               {"payment_intent": self.intents["Bolt Logistics"]})["dispute"]
+        self.control(
+            self.stack.stripe_url, "refund", {"payment_intent": self.intents["Cedar Realty"], "amount": 2_500}
+        )
+        dispute = self.control(
+            self.stack.stripe_url, "dispute", {"payment_intent": self.intents["Bolt Logistics"]}
+        )["dispute"]
         self.control(self.stack.stripe_url, f"dispute_close/{dispute['id']}", {"status": "won"})
         self.progress("a partial refund (Cedar) and a dispute won (Bolt)")
 
-    SCENES = ("open_accounts", "morning_top_ups", "autorecharge_settings", "calls_through_the_day",
-              "sms_traffic", "webhook_outage", "reconcile", "afternoon_burn", "refund_and_dispute")
+    SCENES = (
+        "open_accounts",
+        "morning_top_ups",
+        "autorecharge_settings",
+        "calls_through_the_day",
+        "sms_traffic",
+        "webhook_outage",
+        "reconcile",
+        "afternoon_burn",
+        "refund_and_dispute",
+    )
 
     def play(self):
         for scene in self.SCENES:

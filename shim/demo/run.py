@@ -18,8 +18,10 @@ def progress_bar(total: int):
     def step(label: str):
         state["done"] += 1
         filled = int(30 * state["done"] / total)
-        line = (f"[{'#' * filled}{'.' * (30 - filled)}] {state['done']}/{total} "
-                f"{time.monotonic() - state['started']:5.1f}s  {label}")
+        line = (
+            f"[{'#' * filled}{'.' * (30 - filled)}] {state['done']}/{total} "
+            f"{time.monotonic() - state['started']:5.1f}s  {label}"
+        )
         if sys.stdout.isatty():
             print(f"\r\033[K{line}", end="\n" if state["done"] == total else "", flush=True)
         else:
@@ -38,10 +40,21 @@ def run(out_dir: Path) -> int:
         with open_pool(stack.db_url, max_size=2) as pool:
             health_text, _ = health_report(pool, compact=True)
         violations = day.sql("SELECT * FROM api.ledger_invariant_violations()")
-        lines = ["", "LEDGER", "======", *ledger_summary(day.db, day.orgs), "",
-                 "RECOVERED BY RECONCILIATION", "===========================", *recovery_summary(day.recovered),
-                 "", f"ledger invariants (balance = sum of entries, held = open holds): "
-                     f"{'OK' if not violations else violations}", "", health_text]
+        lines = [
+            "",
+            "LEDGER",
+            "======",
+            *ledger_summary(day.db, day.orgs),
+            "",
+            "RECOVERED BY RECONCILIATION",
+            "===========================",
+            *recovery_summary(day.recovered),
+            "",
+            f"ledger invariants (balance = sum of entries, held = open holds): "
+            f"{violations or 'OK'}",
+            "",
+            health_text,
+        ]
         chart = out_dir / "balances.png"
         balance_chart(day.db, day.orgs, chart)
         day.db.close()

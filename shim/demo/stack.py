@@ -89,26 +89,38 @@ class Stack:
         self.db_url = fresh_database(database_url())
         port = free_port()
         self.shim_url = f"http://127.0.0.1:{port}"
-        self.stripe_url, stop = serve_in_thread(stripe_api.create_app(
-            webhook_url=f"{self.shim_url}/webhooks/stripe", webhook_secret=SECRETS["STRIPE_WEBHOOK_SECRET"]))
+        self.stripe_url, stop = serve_in_thread(
+            stripe_api.create_app(
+                webhook_url=f"{self.shim_url}/webhooks/stripe",
+                webhook_secret=SECRETS["STRIPE_WEBHOOK_SECRET"],
+            )
+        )
         self._stops.append(stop)
         self.vapi_url, stop = serve_in_thread(vapi_api.create_app(SECRETS["VAPI_API_KEY"]))
         self._stops.append(stop)
-        self.env = dict(os.environ, DATABASE_URL=self.db_url, STRIPE_API_BASE=self.stripe_url,
-                        VAPI_API_BASE=self.vapi_url, PUBLIC_BASE_URL=self.shim_url, **SECRETS)
+        self.env = dict(
+            os.environ,
+            DATABASE_URL=self.db_url,
+            STRIPE_API_BASE=self.stripe_url,
+            VAPI_API_BASE=self.vapi_url,
+            PUBLIC_BASE_URL=self.shim_url,
+            **SECRETS,
+        )
 
         log = self.out_dir / "shim.log"
         argv = gunicorn_argv(port, workers=2, threads=8)
         argv[argv.index("--bind") + 1] = f"127.0.0.1:{port}"
         self._spawn(argv, log)
         wait_until_up(self.shim_url, self._processes[-1], log)
-        self._spawn([sys.executable, "-m", "shim.cli", "worker", "--interval", "0.5"],
-                    self.out_dir / "worker.log")
+        self._spawn(
+            [sys.executable, "-m", "shim.cli", "worker", "--interval", "0.5"], self.out_dir / "worker.log"
+        )
 
     def _spawn(self, argv: list[str], log: Path) -> None:
         with log.open("wb") as log_file:
-            process = subprocess.Popen(argv, env=self.env, stdout=log_file, stderr=subprocess.STDOUT,
-                                       start_new_session=True)
+            process = subprocess.Popen(
+                argv, env=self.env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+            )
         self._processes.append(process)
 
     def __exit__(self, *exc):

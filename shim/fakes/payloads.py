@@ -320,8 +320,9 @@ def stripe_charge(
         "reason": None if succeeded else "generic_decline",
         "risk_level": "normal",
         "risk_score": 32,
-        "seller_message": "Payment complete." if succeeded else "The bank did not return any "
-        "further details with this decline.",
+        "seller_message": "Payment complete."
+        if succeeded
+        else "The bank did not return any further details with this decline.",
         "type": "authorized" if succeeded else "issuer_declined",
     }
     card = _card_details()
@@ -443,8 +444,13 @@ def stripe_balance_transaction(
     fee_details = []
     if fee:
         fee_details = [
-            {"amount": fee, "application": None, "currency": currency,
-             "description": "Dispute fee", "type": "stripe_fee"}
+            {
+                "amount": fee,
+                "application": None,
+                "currency": currency,
+                "description": "Dispute fee",
+                "type": "stripe_fee",
+            }
         ]
     return {
         "id": txn_id,
@@ -482,14 +488,33 @@ def stripe_dispute(
     won, lost."""
     created = created or _now()
     evidence_keys = (
-        "access_activity_log", "billing_address", "cancellation_policy",
-        "cancellation_policy_disclosure", "cancellation_rebuttal", "customer_communication",
-        "customer_email_address", "customer_name", "customer_purchase_ip", "customer_signature",
-        "duplicate_charge_documentation", "duplicate_charge_explanation", "duplicate_charge_id",
-        "product_description", "receipt", "refund_policy", "refund_policy_disclosure",
-        "refund_refusal_explanation", "service_date", "service_documentation", "shipping_address",
-        "shipping_carrier", "shipping_date", "shipping_documentation", "shipping_tracking_number",
-        "uncategorized_file", "uncategorized_text",
+        "access_activity_log",
+        "billing_address",
+        "cancellation_policy",
+        "cancellation_policy_disclosure",
+        "cancellation_rebuttal",
+        "customer_communication",
+        "customer_email_address",
+        "customer_name",
+        "customer_purchase_ip",
+        "customer_signature",
+        "duplicate_charge_documentation",
+        "duplicate_charge_explanation",
+        "duplicate_charge_id",
+        "product_description",
+        "receipt",
+        "refund_policy",
+        "refund_policy_disclosure",
+        "refund_refusal_explanation",
+        "service_date",
+        "service_documentation",
+        "shipping_address",
+        "shipping_carrier",
+        "shipping_date",
+        "shipping_documentation",
+        "shipping_tracking_number",
+        "uncategorized_file",
+        "uncategorized_text",
     )
     return {
         "id": dispute_id,
@@ -553,9 +578,7 @@ def stripe_event(
 
 def sign_stripe(payload_bytes, secret, timestamp=None):
     """The `Stripe-Signature` header value (`t=...,v1=...`) for a webhook body."""
-    return WebhookSignature.generate_signature_header(
-        payload_bytes.decode("utf-8"), secret, timestamp
-    )
+    return WebhookSignature.generate_signature_header(payload_bytes.decode("utf-8"), secret, timestamp)
 
 
 # --------------------------------------------------------------------------- Vapi objects
@@ -586,13 +609,29 @@ def _conversation(started_at):
         return []
     t0 = _epoch_ms(started_at)
     return [
-        {"role": "system", "message": "You are the Credit Ledger demo assistant.",
-         "time": t0, "secondsFromStart": 0},
-        {"role": "bot", "message": "Hi, thanks for calling. How can I help?",
-         "time": t0 + 600, "endTime": t0 + 2600, "secondsFromStart": 0.6, "duration": 2000,
-         "source": ""},
-        {"role": "user", "message": "Just checking my balance, thanks.",
-         "time": t0 + 3100, "endTime": t0 + 4900, "secondsFromStart": 3.1, "duration": 1800},
+        {
+            "role": "system",
+            "message": "You are the Credit Ledger demo assistant.",
+            "time": t0,
+            "secondsFromStart": 0,
+        },
+        {
+            "role": "bot",
+            "message": "Hi, thanks for calling. How can I help?",
+            "time": t0 + 600,
+            "endTime": t0 + 2600,
+            "secondsFromStart": 0.6,
+            "duration": 2000,
+            "source": "",
+        },
+        {
+            "role": "user",
+            "message": "Just checking my balance, thanks.",
+            "time": t0 + 3100,
+            "endTime": t0 + 4900,
+            "secondsFromStart": 3.1,
+            "duration": 1800,
+        },
     ]
 
 
@@ -605,9 +644,7 @@ def _openai_format(messages):
 def _transcript(messages):
     """Plain-text transcript, `AI:`/`User:` lines, as in `artifact.transcript`."""
     speakers = {"bot": "AI", "user": "User"}
-    return "\n".join(
-        f"{speakers[m['role']]}: {m['message']}" for m in messages if m["role"] in speakers
-    )
+    return "\n".join(f"{speakers[m['role']]}: {m['message']}" for m in messages if m["role"] in speakers)
 
 
 def vapi_call(
@@ -690,22 +727,38 @@ def vapi_call(
             "llmCompletionTokens": completion_tokens,
             "ttsCharacters": tts_characters,
             "analysisCostBreakdown": {
-                "summary": 0, "summaryPromptTokens": 0, "summaryCompletionTokens": 0,
-                "structuredData": 0, "structuredDataPromptTokens": 0,
-                "structuredDataCompletionTokens": 0, "successEvaluation": 0,
-                "successEvaluationPromptTokens": 0, "successEvaluationCompletionTokens": 0,
+                "summary": 0,
+                "summaryPromptTokens": 0,
+                "summaryCompletionTokens": 0,
+                "structuredData": 0,
+                "structuredDataPromptTokens": 0,
+                "structuredDataCompletionTokens": 0,
+                "successEvaluation": 0,
+                "successEvaluationPromptTokens": 0,
+                "successEvaluationCompletionTokens": 0,
             },
         },
         costs=[
-            {"type": "transport", "provider": "twilio", "minutes": minutes,
-             "cost": parts["transport"]},
-            {"type": "transcriber", "transcriber": {"provider": "deepgram", "model": "nova-2"},
-             "minutes": minutes, "cost": parts["stt"]},
-            {"type": "model", "model": {"provider": "openai", "model": "gpt-4o"},
-             "promptTokens": prompt_tokens, "completionTokens": completion_tokens,
-             "cost": parts["llm"]},
-            {"type": "voice", "voice": {"provider": "11labs", "voiceId": "burt"},
-             "characters": tts_characters, "cost": parts["tts"]},
+            {"type": "transport", "provider": "twilio", "minutes": minutes, "cost": parts["transport"]},
+            {
+                "type": "transcriber",
+                "transcriber": {"provider": "deepgram", "model": "nova-2"},
+                "minutes": minutes,
+                "cost": parts["stt"],
+            },
+            {
+                "type": "model",
+                "model": {"provider": "openai", "model": "gpt-4o"},
+                "promptTokens": prompt_tokens,
+                "completionTokens": completion_tokens,
+                "cost": parts["llm"],
+            },
+            {
+                "type": "voice",
+                "voice": {"provider": "11labs", "voiceId": "burt"},
+                "characters": tts_characters,
+                "cost": parts["tts"],
+            },
             {"type": "vapi", "subType": "normal", "minutes": minutes, "cost": parts["vapi"]},
         ],
         artifact={

@@ -27,8 +27,7 @@ _REPLAYABLE = frozenset({200, 402})
 _DISPUTE_FEE = 1500
 _CARD_ERROR_MESSAGES = {
     "card_declined": "Your card was declined.",
-    "authentication_required": "Your card was declined. This transaction requires "
-    "authentication.",
+    "authentication_required": "Your card was declined. This transaction requires authentication.",
     "expired_card": "Your card has expired.",
     "incorrect_cvc": "Your card's security code is incorrect.",
 }
@@ -61,9 +60,7 @@ def _invalid(message, *, param=None, code=None, status=400):
 
 def _missing(kind, object_id, param):
     """The 404 Stripe returns for an unknown id."""
-    return _invalid(
-        f"No such {kind}: '{object_id}'", param=param, code="resource_missing", status=404
-    )
+    return _invalid(f"No such {kind}: '{object_id}'", param=param, code="resource_missing", status=404)
 
 
 # --------------------------------------------------------------------------- parameter parsing
@@ -108,9 +105,7 @@ def _int(value, param, *, minimum=None):
     try:
         number = int(value)
     except (TypeError, ValueError):
-        raise _invalid(
-            f"Invalid integer: {value}", param=param, code="parameter_invalid_integer"
-        ) from None
+        raise _invalid(f"Invalid integer: {value}", param=param, code="parameter_invalid_integer") from None
     if minimum is not None and number < minimum:
         raise _invalid(
             f"This value must be greater than or equal to {minimum}.",
@@ -141,9 +136,7 @@ def _metadata(value, param):
 def _required(params, name):
     """A parameter Stripe requires; missing ones get Stripe's parameter_missing error."""
     if params.get(name) in (None, ""):
-        raise _invalid(
-            f"Missing required param: {name}.", param=name, code="parameter_missing"
-        )
+        raise _invalid(f"Missing required param: {name}.", param=name, code="parameter_missing")
     return params[name]
 
 
@@ -323,9 +316,7 @@ def _create_session(state, params):
     return state.put(session)
 
 
-def _new_charge(
-    state, *, pi_id, amount, currency, customer, payment_method, metadata, failure=None
-):
+def _new_charge(state, *, pi_id, amount, currency, customer, payment_method, metadata, failure=None):
     """Record the charge a confirmation produces (failed when `failure` is a card code)."""
     return state.put(
         p.stripe_charge(
@@ -338,9 +329,7 @@ def _new_charge(
             metadata=metadata,
             status="failed" if failure else "succeeded",
             failure_code=failure,
-            failure_message=_CARD_ERROR_MESSAGES.get(failure, "Your card was declined.")
-            if failure
-            else None,
+            failure_message=_CARD_ERROR_MESSAGES.get(failure, "Your card was declined.") if failure else None,
         )
     )
 
@@ -357,24 +346,41 @@ def _complete_session(state, session_id, body):
     pi_id = p.stripe_id("pi")
     amount, currency = session["amount_total"], session["currency"]
     charge = _new_charge(
-        state, pi_id=pi_id, amount=amount, currency=currency, customer=customer,
-        payment_method=payment_method, metadata=pi_data["metadata"],
+        state,
+        pi_id=pi_id,
+        amount=amount,
+        currency=currency,
+        customer=customer,
+        payment_method=payment_method,
+        metadata=pi_data["metadata"],
     )
     intent = state.put(
         p.stripe_payment_intent(
-            pi_id=pi_id, org_id=None, amount=amount, currency=currency,
-            metadata=pi_data["metadata"], customer=customer, payment_method=payment_method,
-            latest_charge=charge["id"], setup_future_usage=pi_data["setup_future_usage"],
+            pi_id=pi_id,
+            org_id=None,
+            amount=amount,
+            currency=currency,
+            metadata=pi_data["metadata"],
+            customer=customer,
+            payment_method=payment_method,
+            latest_charge=charge["id"],
+            setup_future_usage=pi_data["setup_future_usage"],
             description=pi_data["description"],
         )
     )
     session = state.put(
         p.stripe_checkout_session(
-            session_id=session_id, org_id=session["client_reference_id"], amount_total=amount,
-            currency=currency, payment_intent=pi_id, metadata=session["metadata"],
-            created=session["created"], customer=customer,
+            session_id=session_id,
+            org_id=session["client_reference_id"],
+            amount_total=amount,
+            currency=currency,
+            payment_intent=pi_id,
+            metadata=session["metadata"],
+            created=session["created"],
+            customer=customer,
             customer_email=body.get("email") or session["customer_email"],
-            success_url=session["success_url"], cancel_url=session["cancel_url"],
+            success_url=session["success_url"],
+            cancel_url=session["cancel_url"],
         )
     )
     events = [
@@ -400,13 +406,19 @@ def _create_payment_intent(state, params, request_info):
     if confirm and not payment_method:
         raise _invalid(
             "You must provide a payment_method to confirm.",
-            param="payment_method", code="parameter_missing",
+            param="payment_method",
+            code="parameter_missing",
         )
     metadata = _metadata(params.get("metadata"), "metadata")
     pi_id = p.stripe_id("pi")
     fields = {
-        "pi_id": pi_id, "org_id": None, "amount": amount, "currency": currency,
-        "metadata": metadata, "customer": customer, "payment_method": payment_method,
+        "pi_id": pi_id,
+        "org_id": None,
+        "amount": amount,
+        "currency": currency,
+        "metadata": metadata,
+        "customer": customer,
+        "payment_method": payment_method,
         "description": params.get("description"),
         "setup_future_usage": params.get("setup_future_usage"),
     }
@@ -419,8 +431,14 @@ def _create_payment_intent(state, params, request_info):
     if decline is None or decline[0] != "authentication_required":
         failure = decline[0] if decline else None
         charge = _new_charge(
-            state, pi_id=pi_id, amount=amount, currency=currency, customer=customer,
-            payment_method=payment_method, metadata=metadata, failure=failure,
+            state,
+            pi_id=pi_id,
+            amount=amount,
+            currency=currency,
+            customer=customer,
+            payment_method=payment_method,
+            metadata=metadata,
+            failure=failure,
         )
     latest_charge = charge["id"] if charge else None
     if decline is None:
@@ -441,8 +459,10 @@ def _create_payment_intent(state, params, request_info):
         error["charge"] = charge["id"]
     intent = state.put(
         p.stripe_payment_intent(
-            status="requires_payment_method", latest_charge=latest_charge,
-            last_payment_error=error, **fields,
+            status="requires_payment_method",
+            latest_charge=latest_charge,
+            last_payment_error=error,
+            **fields,
         )
     )
     body = {
@@ -474,12 +494,17 @@ def _refund(state, body):
     if amount > remaining:
         raise _invalid(
             f"Refund amount ({amount}) is greater than unrefunded amount on charge ({remaining}).",
-            param="amount", code="amount_too_large",
+            param="amount",
+            code="amount_too_large",
         )
     refund = state.put(
         p.stripe_refund(
-            refund_id=p.stripe_id("re"), payment_intent=intent["id"], charge=charge["id"],
-            amount=amount, currency=charge["currency"], reason=body.get("reason"),
+            refund_id=p.stripe_id("re"),
+            payment_intent=intent["id"],
+            charge=charge["id"],
+            amount=amount,
+            currency=charge["currency"],
+            reason=body.get("reason"),
         )
     )
     charge["amount_refunded"] += amount
@@ -497,15 +522,23 @@ def _dispute(state, body):
     amount = _int(body.get("amount", charge["amount"]), "amount", minimum=1)
     dispute_id = p.stripe_id("dp")
     withdrawal = p.stripe_balance_transaction(
-        txn_id=p.stripe_id("txn"), amount=-amount, currency=charge["currency"],
-        source=dispute_id, reporting_category="dispute", fee=_DISPUTE_FEE,
+        txn_id=p.stripe_id("txn"),
+        amount=-amount,
+        currency=charge["currency"],
+        source=dispute_id,
+        reporting_category="dispute",
+        fee=_DISPUTE_FEE,
         description=f"Chargeback withdrawal for {charge['id']}",
     )
     dispute = state.put(
         p.stripe_dispute(
-            dispute_id=dispute_id, payment_intent=intent["id"], charge=charge["id"],
-            amount=amount, currency=charge["currency"],
-            reason=body.get("reason", "fraudulent"), balance_transactions=[withdrawal],
+            dispute_id=dispute_id,
+            payment_intent=intent["id"],
+            charge=charge["id"],
+            amount=amount,
+            currency=charge["currency"],
+            reason=body.get("reason", "fraudulent"),
+            balance_transactions=[withdrawal],
         )
     )
     charge["disputed"] = True
@@ -529,8 +562,10 @@ def _close_dispute(state, dispute_id, body):
     if outcome == "won":
         dispute["balance_transactions"].append(
             p.stripe_balance_transaction(
-                txn_id=p.stripe_id("txn"), amount=dispute["amount"],
-                currency=dispute["currency"], source=dispute_id,
+                txn_id=p.stripe_id("txn"),
+                amount=dispute["amount"],
+                currency=dispute["currency"],
+                source=dispute_id,
                 reporting_category="dispute_reversal",
                 description=f"Chargeback reversal for {dispute['charge']}",
             )
@@ -765,9 +800,7 @@ def create_app(webhook_url=None, webhook_secret=None):
         """Retrieve a Checkout Session, honouring expand[]."""
         args = params()
         with state.lock:
-            return respond(
-                _expand(state, state.get("checkout.session", session_id, "session"), args)
-            )
+            return respond(_expand(state, state.get("checkout.session", session_id, "session"), args))
 
     @app.get("/v1/checkout/sessions")
     def list_sessions():
@@ -777,9 +810,7 @@ def create_app(webhook_url=None, webhook_secret=None):
             items = [
                 s
                 for s in state.store["checkout.session"].values()
-                if all(
-                    s[f] == args[f] for f in ("customer", "payment_intent", "status") if f in args
-                )
+                if all(s[f] == args[f] for f in ("customer", "payment_intent", "status") if f in args)
             ]
             return respond(_page(state, "checkout.session", items, "/v1/checkout/sessions", args))
 

@@ -20,13 +20,17 @@ from datetime import UTC, datetime
 from flask import Flask, request
 
 _DATE_FILTERS = {
-    f"{field}{op}": (field, op)
-    for field in ("createdAt", "updatedAt")
-    for op in ("Gt", "Lt", "Ge", "Le")
+    f"{field}{op}": (field, op) for field in ("createdAt", "updatedAt") for op in ("Gt", "Lt", "Ge", "Le")
 }
 _COMPARE = {"Gt": operator.gt, "Lt": operator.lt, "Ge": operator.ge, "Le": operator.le}
-_REASONS = {400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 429: "Too Many Requests",
-            500: "Internal Server Error", 503: "Service Unavailable"}
+_REASONS = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
 
 
 class _VapiError(Exception):
@@ -35,8 +39,7 @@ class _VapiError(Exception):
     def __init__(self, status, message, headers=None):
         super().__init__(message)
         self.status = status
-        self.body = {"message": message, "error": _REASONS.get(status, "Error"),
-                     "statusCode": status}
+        self.body = {"message": message, "error": _REASONS.get(status, "Error"), "statusCode": status}
         self.headers = headers or {}
 
 
@@ -56,9 +59,7 @@ def _limit(raw):
     try:
         limit = float(raw)
     except ValueError:
-        raise _VapiError(
-            400, ["limit must be a number conforming to the specified constraints"]
-        ) from None
+        raise _VapiError(400, ["limit must be a number conforming to the specified constraints"]) from None
     if limit > 1000:
         raise _VapiError(400, ["limit must not be greater than 1000"])
     if not limit >= 0:  # also catches NaN
@@ -78,8 +79,7 @@ def _call_filter(args):
     def keep(call):
         """Whether a call passes every equality and date filter."""
         return all(call.get(k) == v for k, v in equal.items()) and all(
-            compare(datetime.fromisoformat(call[field]), bound)
-            for field, compare, bound in bounds
+            compare(datetime.fromisoformat(call[field]), bound) for field, compare, bound in bounds
         )
 
     return keep
@@ -93,8 +93,15 @@ def create_app(api_key):
 
     def reset():
         """Forget calls, failure rules and counters."""
-        state.update(calls={}, fail_remaining=0, fail_status=429, requests=0,
-                     injected_failures=0, unauthorized=0, queries=[])
+        state.update(
+            calls={},
+            fail_remaining=0,
+            fail_status=429,
+            requests=0,
+            injected_failures=0,
+            unauthorized=0,
+            queries=[],
+        )
 
     reset()
 
@@ -121,11 +128,17 @@ def create_app(api_key):
                 state["unauthorized"] += 1
         if failing:
             headers = {"Retry-After": "0"} if status == 429 else None
-            raise _VapiError(status, "ThrottlerException: Too Many Requests"
-                             if status == 429 else "Internal server error", headers)
+            raise _VapiError(
+                status,
+                "ThrottlerException: Too Many Requests" if status == 429 else "Internal server error",
+                headers,
+            )
         if bad_key:
-            raise _VapiError(401, "Invalid Key. Hot tip, you may be using the private key "
-                             "instead of the public key, or vice versa.")
+            raise _VapiError(
+                401,
+                "Invalid Key. Hot tip, you may be using the private key "
+                "instead of the public key, or vice versa.",
+            )
 
     @app.get("/call")
     def list_calls():
