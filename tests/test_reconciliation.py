@@ -7,11 +7,11 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
-import stripe
 
 from shim.fakes import payloads
 from shim.pool import open_pool
 from shim.reconcile import VapiCalls, reconcile_stripe, reconcile_vapi
+from shim.retry import RetryableError
 from shim.stripe_client import make_client
 from tests.db_helpers import ledger_count, open_wallet, wallet
 from tests.jwt_tokens import supabase_token
@@ -234,7 +234,7 @@ def test_cli_resume_continues_the_failed_window(
     pay(client, fake_stripe, org, 1500)
     fake_stripe.control("fail", {"count": 5, "status": 500, "path_prefix": "/v1/events"})
     window_end = datetime.now(UTC) + timedelta(minutes=1)  # not 'now': the resume must reuse it
-    with pytest.raises(stripe.APIError):
+    with pytest.raises(RetryableError):  # five 500s: the bounded backoff gives up
         reconcile_stripe(
             pool, make_client(shim_config, max_network_retries=0), timedelta(days=2), now=window_end
         )
