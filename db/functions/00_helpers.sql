@@ -82,19 +82,27 @@ AS $$
 $$;
 
 -- A stable digest of what a request asked for, to tell a retry from a different request.
+-- (The helpers on the hot path are PL/pgSQL, which caches plans; see billing._lock_wallet.)
 CREATE OR REPLACE FUNCTION billing._fingerprint(p_request jsonb)
   RETURNS text
-  LANGUAGE sql IMMUTABLE SECURITY INVOKER SET search_path = ''
+  LANGUAGE plpgsql IMMUTABLE SECURITY INVOKER SET search_path = ''
 AS $$
-  SELECT pg_catalog.md5(p_request::text)
+BEGIN
+  RETURN pg_catalog.md5(p_request::text);
+END
 $$;
 
 -- The operator's settings row.
 CREATE OR REPLACE FUNCTION billing._settings()
   RETURNS billing.settings
-  LANGUAGE sql STABLE SECURITY INVOKER SET search_path = ''
+  LANGUAGE plpgsql STABLE SECURITY INVOKER SET search_path = ''
 AS $$
-  SELECT * FROM billing.settings
+DECLARE
+  s billing.settings;
+BEGIN
+  SELECT * INTO s FROM billing.settings;
+  RETURN s;
+END
 $$;
 
 -- The api.op_result for a request that changed nothing, with the wallet's current balance.
@@ -102,9 +110,11 @@ CREATE OR REPLACE FUNCTION billing._result(
   p_status text, p_org_id uuid, p_reason text,
   p_entry_id bigint DEFAULT NULL, p_amount_minor bigint DEFAULT NULL)
   RETURNS api.op_result
-  LANGUAGE sql STABLE SECURITY INVOKER SET search_path = ''
+  LANGUAGE plpgsql STABLE SECURITY INVOKER SET search_path = ''
 AS $$
-  SELECT ROW(p_status, p_entry_id, p_amount_minor,
+BEGIN
+  RETURN ROW(p_status, p_entry_id, p_amount_minor,
              (SELECT w.balance_minor FROM billing.wallets AS w WHERE w.org_id = p_org_id),
-             p_reason)::api.op_result
+             p_reason)::api.op_result;
+END
 $$;

@@ -2,11 +2,24 @@
 
 -- Lock the org's wallet row. Every money movement of one org serialises on this one row
 -- (pgledger: lock a fixed row, never "the latest ledger row"). Null when there is no wallet.
+-- The transaction-scoped advisory lock in front is a queue, not the guard: its waiters are
+-- granted one at a time, where waiters on a hot row lock all wake at each commit and race for
+-- the row again (measured: twice the calls per second at 100 clients on one org). The row lock
+-- stays the correctness mechanism; a path that locks the row directly is still correct.
+-- PL/pgSQL rather than SQL throughout the hot helpers: a SQL function with SET search_path is
+-- re-planned at every call, a PL/pgSQL one caches its plans per session.
 CREATE OR REPLACE FUNCTION billing._lock_wallet(p_org_id uuid)
   RETURNS billing.wallets
-  LANGUAGE sql VOLATILE SECURITY INVOKER SET search_path = ''
+  LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = ''
 AS $$
-  SELECT * FROM billing.wallets WHERE org_id = p_org_id FOR UPDATE
+DECLARE
+  w billing.wallets;
+BEGIN
+  PERFORM pg_catalog.pg_advisory_xact_lock(
+    pg_catalog.hashtextextended('creditledger.wallet:' || p_org_id::text, 0));
+  SELECT * INTO w FROM billing.wallets WHERE org_id = p_org_id FOR UPDATE;
+  RETURN w;
+END
 $$;
 
 -- What an earlier request with this key or provider object already did, or null if none.

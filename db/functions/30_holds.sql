@@ -87,9 +87,11 @@ $$;
 -- The ledger key (and provider reference) of a Vapi call's charge: one per call, across orgs.
 CREATE OR REPLACE FUNCTION billing._call_ref(p_call_id text)
   RETURNS text
-  LANGUAGE sql IMMUTABLE SECURITY INVOKER SET search_path = ''
+  LANGUAGE plpgsql IMMUTABLE SECURITY INVOKER SET search_path = ''
 AS $$
-  SELECT 'vapi:call:' || p_call_id
+BEGIN
+  RETURN 'vapi:call:' || p_call_id;
+END
 $$;
 
 -- Authorise a call: hold its expected cost (max_minutes at the org's rate, default from

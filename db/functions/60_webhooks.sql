@@ -17,13 +17,15 @@ $$;
 CREATE OR REPLACE FUNCTION billing._outcome(
   p_status text, p_org_id uuid, p_result api.op_result DEFAULT NULL, p_note text DEFAULT NULL)
   RETURNS jsonb
-  LANGUAGE sql IMMUTABLE SECURITY INVOKER SET search_path = ''
+  LANGUAGE plpgsql IMMUTABLE SECURITY INVOKER SET search_path = ''
 AS $$
-  SELECT pg_catalog.jsonb_strip_nulls(pg_catalog.jsonb_build_object(
-           'status', p_status, 'org_id', p_org_id, 'note', p_note))
-         || CASE WHEN p_result.status IS NOT NULL
-                 THEN pg_catalog.jsonb_build_object('result', pg_catalog.to_jsonb(p_result))
-                 ELSE '{}' END
+BEGIN
+  RETURN pg_catalog.jsonb_strip_nulls(pg_catalog.jsonb_build_object(
+             'status', p_status, 'org_id', p_org_id, 'note', p_note))
+           || CASE WHEN p_result.status IS NOT NULL
+                   THEN pg_catalog.jsonb_build_object('result', pg_catalog.to_jsonb(p_result))
+                   ELSE '{}' END;
+END
 $$;
 
 -- Turn a money result into an inbox outcome: a currency mismatch is stored, not applied, and
@@ -54,16 +56,18 @@ CREATE OR REPLACE FUNCTION billing._credit_stripe_payment(
   p_org_id uuid, p_payment_intent_id text, p_amount_minor bigint, p_currency text,
   p_kind text, p_details jsonb, p_occurred_at timestamptz)
   RETURNS api.op_result
-  LANGUAGE sql VOLATILE SECURITY INVOKER SET search_path = ''
+  LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = ''
 AS $$
-  SELECT billing._move_money(
-    p_org_id, p_amount_minor, p_kind, 'stripe:payment_intent:' || p_payment_intent_id,
-    pg_catalog.jsonb_build_object('op', 'stripe_payment', 'org_id', p_org_id,
-                                  'payment_intent', p_payment_intent_id,
-                                  'amount_minor', p_amount_minor, 'kind', p_kind),
-    'stripe', 'stripe:payment_intent:' || p_payment_intent_id,
-    p_details || pg_catalog.jsonb_build_object('payment_intent', p_payment_intent_id),
-    p_occurred_at, lower(p_currency))
+BEGIN
+  RETURN billing._move_money(
+      p_org_id, p_amount_minor, p_kind, 'stripe:payment_intent:' || p_payment_intent_id,
+      pg_catalog.jsonb_build_object('op', 'stripe_payment', 'org_id', p_org_id,
+                                    'payment_intent', p_payment_intent_id,
+                                    'amount_minor', p_amount_minor, 'kind', p_kind),
+      'stripe', 'stripe:payment_intent:' || p_payment_intent_id,
+      p_details || pg_catalog.jsonb_build_object('payment_intent', p_payment_intent_id),
+      p_occurred_at, lower(p_currency));
+END
 $$;
 
 -- The org a Stripe payment was credited to, or an error (retried by the worker): a refund or
@@ -273,23 +277,27 @@ $$;
 -- table by assistant, then by phone number (DESIGN.md, Webhooks).
 CREATE OR REPLACE FUNCTION billing._vapi_call_org(p_call jsonb)
   RETURNS uuid
-  LANGUAGE sql STABLE SECURITY INVOKER SET search_path = ''
+  LANGUAGE plpgsql STABLE SECURITY INVOKER SET search_path = ''
 AS $$
-  SELECT coalesce(
-    billing._uuid_or_null(p_call -> 'assistantOverrides' -> 'metadata' ->> 'org_id'),
-    billing._uuid_or_null(p_call -> 'metadata' ->> 'org_id'),
-    (SELECT org_id FROM billing.vapi_routes WHERE kind = 'assistant' AND vapi_id = p_call ->> 'assistantId'),
-    (SELECT org_id FROM billing.vapi_routes WHERE kind = 'phone_number' AND vapi_id = p_call ->> 'phoneNumberId'))
+BEGIN
+  RETURN coalesce(
+      billing._uuid_or_null(p_call -> 'assistantOverrides' -> 'metadata' ->> 'org_id'),
+      billing._uuid_or_null(p_call -> 'metadata' ->> 'org_id'),
+      (SELECT org_id FROM billing.vapi_routes WHERE kind = 'assistant' AND vapi_id = p_call ->> 'assistantId'),
+      (SELECT org_id FROM billing.vapi_routes WHERE kind = 'phone_number' AND vapi_id = p_call ->> 'phoneNumberId'));
+END
 $$;
 
 -- A call's billable seconds: endedAt - startedAt rounded up; 0 when it never connected.
 CREATE OR REPLACE FUNCTION billing._vapi_duration_seconds(p_started text, p_ended text)
   RETURNS integer
-  LANGUAGE sql IMMUTABLE SECURITY INVOKER SET search_path = ''
+  LANGUAGE plpgsql IMMUTABLE SECURITY INVOKER SET search_path = ''
 AS $$
-  SELECT CASE WHEN p_started IS NULL OR p_ended IS NULL THEN 0
-    ELSE GREATEST(0, pg_catalog.ceil(EXTRACT(EPOCH FROM p_ended::timestamptz - p_started::timestamptz)))::integer
-  END
+BEGIN
+  RETURN CASE WHEN p_started IS NULL OR p_ended IS NULL THEN 0
+      ELSE GREATEST(0, pg_catalog.ceil(EXTRACT(EPOCH FROM p_ended::timestamptz - p_started::timestamptz)))::integer
+    END;
+END
 $$;
 
 -- Charge one ended Vapi call (the webhook's end-of-call report and reconciliation both come here).

@@ -50,8 +50,7 @@ def run(out_dir: Path) -> int:
             "===========================",
             *recovery_summary(day.recovered),
             "",
-            f"ledger invariants (balance = sum of entries, held = open holds): "
-            f"{violations or 'OK'}",
+            f"ledger invariants (balance = sum of entries, held = open holds): {violations or 'OK'}",
             "",
             health_text,
         ]

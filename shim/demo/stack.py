@@ -115,6 +115,22 @@ class Stack:
         self._spawn(
             [sys.executable, "-m", "shim.cli", "worker", "--interval", "0.5"], self.out_dir / "worker.log"
         )
+        self._wait_for_first_worker_pass()
+
+    def _wait_for_first_worker_pass(self, seconds: float = 60) -> None:
+        """The worker's first pass runs its scheduled reconciliations; the day starts after it,
+        so that what the day's own reconciliation recovers is the same on every run."""
+        deadline = time.monotonic() + seconds
+        with psycopg.connect(self.db_url, autocommit=True) as conn:
+            while time.monotonic() < deadline and self._processes[-1].poll() is None:
+                done = conn.execute(
+                    "SELECT count(*) FROM billing.reconciliation_runs WHERE status = 'completed'"
+                ).fetchone()[0]
+                if done >= 2:
+                    return
+                time.sleep(0.1)
+        log = (self.out_dir / "worker.log").read_text()
+        raise RuntimeError(f"the worker's first pass did not complete:\n{log}")
 
     def _spawn(self, argv: list[str], log: Path) -> None:
         with log.open("wb") as log_file:
