@@ -18,15 +18,19 @@ class BadSignature(Exception):
     """The request is not provably from who it claims to be."""
 
 
-def verify_stripe(body: bytes, header: str | None, secret: str) -> stripe.Event:
+def verify_stripe(body: bytes, header: str | None, secret: str) -> None:
     """Stripe-Signature over the raw body (https://docs.stripe.com/webhooks#verify-events):
-    stripe-python's construct_event checks the HMAC and the timestamp tolerance."""
+    stripe-python's WebhookSignature.verify_header checks the HMAC and the timestamp tolerance.
+    It is the check Webhook.construct_event performs, without building the StripeObject tree
+    we never read (measured: 378 us down to 6 us per 3 KB event); the body is parsed once, after."""
     if not header:
         raise BadSignature("missing Stripe-Signature header")
     try:
-        return stripe.Webhook.construct_event(body, header, secret, tolerance=TOLERANCE_SECONDS)
+        stripe.WebhookSignature.verify_header(body.decode("utf-8"), header, secret, TOLERANCE_SECONDS)
     except stripe.SignatureVerificationError as exc:
         raise BadSignature(f"Stripe signature: {exc.user_message or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise BadSignature("body is not UTF-8") from exc
 
 
 def verify_vapi(body: bytes, headers, secret: str, now: float | None = None) -> None:

@@ -1,0 +1,1 @@
+"""`make bench`: pgbench rows for the money functions, each as a ratio to a baseline (run.py)."""
