@@ -1,6 +1,7 @@
 """Where the database is: DATABASE_URL, or an embedded PostgreSQL kept in the project's .pgdata/."""
 
 import os
+import warnings
 from pathlib import Path
 
 import psycopg
@@ -16,6 +17,8 @@ def embedded_url(data_dir: Path = EMBEDDED_DATA_DIR) -> str:
     The server outlives this process (cleanup_mode=None) so that `make migrate` and `make serve`
     share it; it listens on a Unix socket inside data_dir only.
     """
+    # pgserver asks platformdirs for a runtime dir, which containers and CI do not set: noise.
+    warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
     import pgserver
 
     server = pgserver.get_server(str(data_dir), cleanup_mode=None)
