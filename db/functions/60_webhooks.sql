@@ -480,24 +480,36 @@ END
 $$;
 GRANT EXECUTE ON FUNCTION api.retry_webhook_events(integer) TO service_role;
 
--- An operator sends a dead or unattributed event back to the worker (after fixing its cause,
--- e.g. adding a Vapi route): attempts restart from zero.
-CREATE OR REPLACE FUNCTION api.replay_webhook_event(event_row_id bigint)
+-- An operator's decision on an event that is stuck (dead, unattributed, or failed): back to the
+-- worker ('failed', attempts from zero, due now) or closed for good ('ignored', with the note).
+CREATE OR REPLACE FUNCTION billing._operator_moves_event(p_event_row_id bigint, p_status text, p_note text)
   RETURNS jsonb
-  LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = ''
+  LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = ''
 AS $$
 DECLARE
   ev billing.webhook_events;
 BEGIN
   UPDATE billing.webhook_events AS we
-     SET status = 'failed', attempts = 0, next_attempt_at = now(), last_error = NULL
-   WHERE we.id = event_row_id AND we.status IN ('dead', 'unattributed', 'failed')
+     SET status = p_status, last_error = p_note,
+         attempts = CASE WHEN p_status = 'failed' THEN 0 ELSE we.attempts END,
+         next_attempt_at = CASE WHEN p_status = 'failed' THEN now() END,
+         processed_at = CASE WHEN p_status = 'failed' THEN we.processed_at ELSE now() END
+   WHERE we.id = p_event_row_id AND we.status IN ('dead', 'unattributed', 'failed')
   RETURNING * INTO ev;
   IF NOT FOUND THEN
     PERFORM billing._invalid('event_row_id', 'no dead, unattributed or failed event with this id');
   END IF;
   RETURN pg_catalog.jsonb_build_object('event_row_id', ev.id, 'status', ev.status);
 END
+$$;
+
+-- An operator sends a dead or unattributed event back to the worker (after fixing its cause,
+-- e.g. adding a Vapi route): attempts restart from zero.
+CREATE OR REPLACE FUNCTION api.replay_webhook_event(event_row_id bigint)
+  RETURNS jsonb
+  LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = ''
+AS $$
+  SELECT billing._operator_moves_event(event_row_id, 'failed', NULL)
 $$;
 GRANT EXECUTE ON FUNCTION api.replay_webhook_event(bigint) TO service_role;
 
@@ -507,21 +519,11 @@ CREATE OR REPLACE FUNCTION api.discard_webhook_event(event_row_id bigint, reason
   RETURNS jsonb
   LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = ''
 AS $$
-DECLARE
-  ev billing.webhook_events;
 BEGIN
   IF reason IS NULL OR pg_catalog.length(reason) < 3 THEN
     PERFORM billing._invalid('reason', 'say why (at least 3 characters)');
   END IF;
-  UPDATE billing.webhook_events AS we
-     SET status = 'ignored', next_attempt_at = NULL, processed_at = now(),
-         last_error = 'discarded by an operator: ' || discard_webhook_event.reason
-   WHERE we.id = event_row_id AND we.status IN ('dead', 'unattributed', 'failed')
-  RETURNING * INTO ev;
-  IF NOT FOUND THEN
-    PERFORM billing._invalid('event_row_id', 'no dead, unattributed or failed event with this id');
-  END IF;
-  RETURN pg_catalog.jsonb_build_object('event_row_id', ev.id, 'status', ev.status);
+  RETURN billing._operator_moves_event(event_row_id, 'ignored', 'discarded by an operator: ' || reason);
 END
 $$;
 GRANT EXECUTE ON FUNCTION api.discard_webhook_event(bigint, text) TO service_role;
