@@ -125,6 +125,9 @@ def test_recharge_still_processing_after_its_key_expired_is_not_charged_again(se
         f"{stripe.created} PaymentIntents were confirmed for one recharge claim: the worker "
         "re-sent the create after Stripe forgot the idempotency key"
     )
+    # Counted as processing (a bank debit takes days), not as a stuck claim.
+    metrics = {r["metric"]: r["value"] for r in service.execute("SELECT * FROM api.health_metrics()")}
+    assert (metrics["recharge_pending"], metrics["recharge_processing"]) == (0, 1)
 
 
 # ---------------------------------------------------------------------------- Vapi reconciliation

@@ -102,8 +102,12 @@ AS $$
   UNION ALL SELECT 'recharge_failures_24h', 'stripe', count(*) FROM billing.recharge_claims AS c
              WHERE c.status = 'failed' AND c.settled_at > now() - interval '24 hours'
                AND c.failure_code IS DISTINCT FROM 'canceled_by_customer'
+  -- Claims not yet accepted by Stripe (a stuck worker or a Stripe outage) ...
   UNION ALL SELECT 'recharge_pending', 'stripe', count(*) FROM billing.recharge_claims AS c
-             WHERE c.status = 'pending'
+             WHERE c.status = 'pending' AND c.payment_intent_id IS NULL
+  -- ... apart from those Stripe accepted and is still processing (a bank debit: days, normal).
+  UNION ALL SELECT 'recharge_processing', 'stripe', count(*) FROM billing.recharge_claims AS c
+             WHERE c.status = 'pending' AND c.payment_intent_id IS NOT NULL
   UNION ALL SELECT 'auto_recharge_disabled', NULL, count(*) FROM billing.wallets AS w
              WHERE w.auto_recharge_disabled_reason IS NOT NULL AND NOT w.auto_recharge_enabled
   UNION ALL SELECT 'wallets_suspended', NULL, count(*) FROM billing.wallets AS w WHERE w.status = 'suspended'
