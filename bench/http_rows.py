@@ -17,17 +17,12 @@ from datetime import timedelta
 
 from bench.harness import BenchError, Context, Measurement, Row, org_uuid
 from shim.fakes import payloads
+from shim.fakes.serve import free_port
 
 WEBHOOK_SECRET = "whsec_bench"
 HTTP_CLIENTS = 8
 MAX_REQUESTS = 50_000
 RECONCILE_OBJECTS = 10_000
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def signed_events(ctx: Context, count: int) -> list[tuple[bytes, str]]:
@@ -59,10 +54,7 @@ def serve(app_spec: str, env: dict, log_path) -> tuple[subprocess.Popen, int]:
     from shim.cli import gunicorn_argv
 
     port = free_port()
-    argv = gunicorn_argv(port, workers=2, threads=8)
-    argv[argv.index("shim.app:create_app()")] = app_spec
-    argv[argv.index("--bind") + 1] = f"127.0.0.1:{port}"
-    argv[argv.index("--access-logfile") + 1] = "/dev/null"
+    argv = gunicorn_argv(port, workers=2, threads=8, host="127.0.0.1", app=app_spec, access_log="/dev/null")
     with open(log_path, "wb") as log:
         process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 30

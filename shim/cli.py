@@ -18,22 +18,29 @@ def cmd_migrate(args) -> int:
     return 0
 
 
-def gunicorn_argv(port: int, workers: int = 2, threads: int = 8) -> list[str]:
+def gunicorn_argv(
+    port: int,
+    workers: int = 2,
+    threads: int = 8,
+    host: str = "0.0.0.0",
+    app: str = "shim.app:create_app()",
+    access_log: str = "-",
+) -> list[str]:
     """The production server command: gunicorn, threaded workers (requests mostly wait on the
-    database), bodies capped by the app itself."""
+    database), bodies capped by the app itself. Tests, the demo and the bench bind 127.0.0.1."""
     return [
         sys.executable,
         "-m",
         "gunicorn",
-        "shim.app:create_app()",
+        app,
         "--bind",
-        f"0.0.0.0:{port}",
+        f"{host}:{port}",
         "--workers",
         str(workers),
         "--threads",
         str(threads),
         "--access-logfile",
-        "-",
+        access_log,
         "--graceful-timeout",
         "20",
     ]

@@ -33,6 +33,8 @@ from urllib.parse import quote as quote_url
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
+from shim.fakes.serve import free_port
+
 # Debian installs pgbouncer in /usr/sbin, which is not on a normal user's PATH.
 SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin", "/sbin"])
 START_TIMEOUT_SECONDS = 15.0
@@ -62,13 +64,6 @@ def pgbouncer_version(binary: str) -> tuple[int, int]:
     if not match:
         raise RuntimeError(f"cannot read pgbouncer's version from {out!r}")
     return int(match.group(1)), int(match.group(2))
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_user(host: str) -> str | None:

@@ -3,7 +3,6 @@
 import concurrent.futures
 import json
 import os
-import socket
 import subprocess
 import time
 
@@ -12,15 +11,10 @@ import requests
 
 from shim.cli import gunicorn_argv
 from shim.fakes import payloads
+from shim.fakes.serve import free_port
 from tests.conftest import SECRETS
 from tests.db_helpers import ledger_count, open_wallet, wallet
 from tests.senders import paid_checkout, stripe_event
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
@@ -35,8 +29,7 @@ def gunicorn_url(db_url, tmp_path):
         PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
         **{name.upper(): value for name, value in SECRETS.items()},
     )
-    argv = gunicorn_argv(port, workers=2, threads=4)
-    argv[argv.index("--bind") + 1] = f"127.0.0.1:{port}"
+    argv = gunicorn_argv(port, workers=2, threads=4, host="127.0.0.1")
     log = tmp_path / "gunicorn.log"
     with log.open("wb") as log_file:
         server = subprocess.Popen(argv, env=env, stdout=log_file, stderr=subprocess.STDOUT)

@@ -4,7 +4,6 @@ Stripe and Vapi APIs, all on loopback. Everything started here is stopped on exi
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from psycopg import sql
 from shim.cli import gunicorn_argv
 from shim.database import database_url
 from shim.fakes import stripe_api, vapi_api
-from shim.fakes.serve import serve_in_thread
+from shim.fakes.serve import free_port, serve_in_thread
 from shim.migrate import migrate
 
 DEMO_DATABASE = "creditledger_demo"
@@ -31,12 +30,6 @@ SECRETS = {
     "TWILIO_AUTH_TOKEN": "twilio-demo-token",
     "SUPABASE_JWT_SECRET": "supabase-demo-jwt-secret-32-bytes-long",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def fresh_database(server_url: str) -> str:
@@ -108,9 +101,7 @@ class Stack:
         )
 
         log = self.out_dir / "shim.log"
-        argv = gunicorn_argv(port, workers=2, threads=8)
-        argv[argv.index("--bind") + 1] = f"127.0.0.1:{port}"
-        self._spawn(argv, log)
+        self._spawn(gunicorn_argv(port, workers=2, threads=8, host="127.0.0.1"), log)
         wait_until_up(self.shim_url, self._processes[-1], log)
         self._spawn(
             [sys.executable, "-m", "shim.cli", "worker", "--interval", "0.5"], self.out_dir / "worker.log"

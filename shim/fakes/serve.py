@@ -1,5 +1,6 @@
 """Run a WSGI app on loopback in a background thread, so tests and the demo can talk HTTP to it."""
 
+import socket
 import threading
 
 from werkzeug.serving import WSGIRequestHandler, make_server
@@ -10,6 +11,13 @@ class _QuietHandler(WSGIRequestHandler):
 
     def log_request(self, code="-", size="-"):
         """Drop the access-log line; errors still go through log_error."""
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now (for servers started as processes)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def serve_in_thread(app, host="127.0.0.1", port=0):
