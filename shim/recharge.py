@@ -4,15 +4,54 @@ Each claim carries its own idempotency key, so a worker that crashes after Strip
 charge and before recording it charges nothing twice: the next pass sends the same key and
 Stripe replays the first answer (https://docs.stripe.com/api/idempotent_requests). What an
 answer means for the ledger is decided in SQL (api.record_recharge_result), exactly as when the
-payment_intent.succeeded / payment_failed webhook reports it first."""
+payment_intent.succeeded / payment_failed webhook reports it first.
+
+Stripe may prune a key once it is 24 hours old, and then "a new request" is made with it
+(https://docs.stripe.com/idempotency). So a claim sent again (a later lease of the same claim)
+first looks for the PaymentIntent an earlier attempt may have created and never recorded, and
+records that one instead of creating a second."""
 
 import logging
+from datetime import timedelta
 
 import stripe
 
 from shim.queries import QUERIES
 
 log = logging.getLogger(__name__)
+
+
+# PaymentIntent statuses that end a claim as failed, with the code recorded when Stripe gave none.
+FAILURE_CODES = {
+    "requires_action": "authentication_required",
+    "requires_payment_method": "authentication_required",
+    "canceled": "canceled",
+}
+# Stripe's clock and ours may differ: look a little before the claim was taken.
+CLOCK_SKEW = timedelta(minutes=5)
+
+
+def earlier_intent(client: stripe.StripeClient, claim: dict):
+    """The PaymentIntent an earlier attempt of this claim created, or None (always None on the
+    first attempt). Listed, not searched: the list API is read-after-write consistent, where
+    search may lag (https://docs.stripe.com/search#data-freshness)."""
+    if claim["attempts"] <= 1:
+        return None
+    page = client.v1.payment_intents.list(
+        params={
+            "customer": claim["stripe_customer_id"],
+            "created": {"gte": int((claim["created_at"] - CLOCK_SKEW).timestamp())},
+            "limit": 100,
+        }
+    )
+    return next(
+        (
+            intent
+            for intent in page.auto_paging_iter()
+            if intent.metadata.to_dict().get("recharge_claim_id") == str(claim["claim_id"])
+        ),
+        None,
+    )
 
 
 def charge_claim(client: stripe.StripeClient, claim: dict) -> dict:
@@ -27,7 +66,7 @@ def charge_claim(client: stripe.StripeClient, claim: dict) -> dict:
         "failure_code": None,
     }
     try:
-        intent = client.v1.payment_intents.create(
+        intent = earlier_intent(client, claim) or client.v1.payment_intents.create(
             params={
                 "amount": claim["amount_minor"],
                 "currency": claim["currency"],
@@ -66,11 +105,13 @@ def charge_claim(client: stripe.StripeClient, claim: dict) -> dict:
             "amount_minor": intent.amount_received or intent.amount,
             "currency": intent.currency,
         }
-    if intent.status in ("requires_action", "requires_payment_method"):
+    if intent.status in FAILURE_CODES:
+        # An earlier attempt's decline, found by earlier_intent, keeps its own code.
+        error = intent.last_payment_error
         return recorded | {
             "outcome": "failed",
             "payment_intent_id": intent.id,
-            "failure_code": "authentication_required",
+            "failure_code": (error.code if error else None) or FAILURE_CODES[intent.status],
         }
     # processing (a bank debit): remembered on the claim, settled by the payment_intent.* webhook.
     return recorded | {"outcome": "processing", "payment_intent_id": intent.id}

@@ -82,6 +82,8 @@ def collect(files: list[str]) -> tuple[set[str], str]:
         check=False,
     )
     ids = {line.strip() for line in proc.stdout.splitlines() if "::" in line and line.startswith("tests/")}
+    # A parametrized test may be cited by its function (all its cases) or by one case.
+    ids |= {test_id.split("[", 1)[0] for test_id in ids}
     return ids, proc.stdout[-4000:] + proc.stderr[-2000:]
 
 

@@ -8,7 +8,7 @@ import psycopg
 import pytest
 
 from shim.pool import open_pool
-from shim.recharge import process_claims
+from shim.recharge import charge_claim, process_claims
 from shim.stripe_client import make_client
 from shim.worker import run_once
 from tests.db_helpers import as_user, ledger_count, open_wallet, wallet
@@ -121,22 +121,63 @@ def test_repeated_failures_disable_auto_recharge_and_alert(service, db, shim_con
     )
 
 
-def test_crash_after_stripe_accepted_does_not_charge_twice(service, db, shim_config, fake_stripe, pool):
-    """The worker charged the card, then died before recording. On restart the claim's lease
-    has expired; the same idempotency key makes Stripe replay its answer: one charge, one credit."""
-    org = recharging_org(service, db)
-    charge_call(service, org, 60 * 30)
+def sent_but_not_recorded(pool, shim_config):
+    """The worker leased the org's claim and sent it to Stripe, then died before recording
+    Stripe's answer; its lease has run out since. Returns what Stripe answered."""
     with pool.connection() as conn:
         (claim,) = conn.execute("SELECT * FROM api.lease_recharge_claims(1)").fetchall()
-    from shim.recharge import charge_claim
+    answer = charge_claim(make_client(shim_config), claim)
+    with pool.connection() as conn:
+        conn.execute("UPDATE billing.recharge_claims SET leased_until = now() - interval '1 second'")
+    return answer
 
-    charge_claim(make_client(shim_config), claim)  # Stripe accepted; the record never happened
-    db.execute("UPDATE billing.recharge_claims SET leased_until = now() - interval '1 second'")
+
+def customer_intents(shim_config):
+    return make_client(shim_config).v1.payment_intents.list(params={"customer": CUSTOMER, "limit": 100}).data
+
+
+@pytest.mark.parametrize("stripe_forgot_the_key", [False, True], ids=["within-24h", "after-24h"])
+def test_crash_after_stripe_accepted_does_not_charge_twice(
+    service, db, shim_config, fake_stripe, pool, stripe_forgot_the_key
+):
+    """The worker charged the card, then died before recording. On restart the claim's lease
+    has expired and the claim is sent again: it first finds the PaymentIntent its earlier
+    attempt created (listed by customer and metadata.recharge_claim_id) and records that one,
+    so one charge and one credit, even once Stripe has pruned the idempotency key (after 24
+    hours a reused key creates a new PaymentIntent: G-1's remainder)."""
+    org = recharging_org(service, db)
+    charge_call(service, org, 60 * 30)
+    first = sent_but_not_recorded(pool, shim_config)
+    if stripe_forgot_the_key:
+        assert fake_stripe.control("prune_idempotency_keys")["pruned"] >= 1
 
     assert process_claims(pool, make_client(shim_config))["succeeded"] == 1
-    stats = fake_stripe.stats()["endpoints"]["POST /v1/payment_intents"]
-    assert stats["created"] == 1 and stats["replayed"] == 1
+    assert [i.id for i in customer_intents(shim_config)] == [first["payment_intent_id"]]
+    assert intents_created(fake_stripe) == 1
+    (claim,) = claims(db, org)
+    assert (claim["status"], claim["payment_intent_id"]) == ("succeeded", first["payment_intent_id"])
     assert ledger_count(db, org) == 3  # seed credit, the call, one recharge
+
+
+def test_unrecorded_decline_found_on_retry_fails_the_claim_without_charging_again(
+    service, db, shim_config, fake_stripe, pool
+):
+    """The card declined, the worker died before recording it, and a day later Stripe has
+    forgotten the key: the retry finds the declined PaymentIntent and fails the claim with the
+    decline's own code (and its cooldown) instead of confirming the card again."""
+    org = recharging_org(service, db)
+    fake_stripe.control("decline", {"payment_method": CARD, "code": "card_declined"})
+    charge_call(service, org, 60 * 30)
+    first = sent_but_not_recorded(pool, shim_config)
+    assert first["outcome"] == "failed"
+    fake_stripe.control("prune_idempotency_keys")
+
+    assert process_claims(pool, make_client(shim_config))["failed"] == 1
+    assert [i.id for i in customer_intents(shim_config)] == [first["payment_intent_id"]]
+    (claim,) = claims(db, org)
+    assert (claim["status"], claim["failure_code"]) == ("failed", "card_declined")
+    assert claim["cooldown_until"] is not None
+    assert ledger_count(db, org) == 2  # seed credit and the call: nothing credited
 
 
 def test_webhook_and_worker_both_report_the_success_credit_once(

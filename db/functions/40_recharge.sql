@@ -46,10 +46,13 @@ $$;
 
 -- Hand due claims to the worker: each leased for a short while so that a crashed worker's
 -- claim is picked up again, with the same idempotency key (Stripe then replays, never recharges).
+-- attempts counts this lease; created_at bounds the worker's search for a PaymentIntent that an
+-- earlier attempt created but never recorded (shim/recharge.py earlier_intent).
 CREATE OR REPLACE FUNCTION api.lease_recharge_claims(max_claims integer DEFAULT 10)
   RETURNS TABLE (
     claim_id bigint, org_id uuid, amount_minor bigint, currency text, idempotency_key text,
-    stripe_customer_id text, stripe_payment_method_id text, attempts integer)
+    stripe_customer_id text, stripe_payment_method_id text, attempts integer,
+    created_at timestamptz)
   LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = ''
 AS $$
 BEGIN
@@ -78,7 +81,7 @@ BEGIN
       FROM due, billing.wallets AS w
      WHERE c.id = due.id AND w.org_id = c.org_id
     RETURNING c.id, c.org_id, c.amount_minor, c.currency, c.idempotency_key,
-              w.stripe_customer_id, w.stripe_payment_method_id, c.attempts;
+              w.stripe_customer_id, w.stripe_payment_method_id, c.attempts, c.created_at;
 END
 $$;
 GRANT EXECUTE ON FUNCTION api.lease_recharge_claims(integer) TO service_role;

@@ -994,6 +994,15 @@ def create_app(webhook_url=None, webhook_secret=None):
         _deliver(state, events)
         return respond({"event_ids": ids})
 
+    @app.post("/_control/prune_idempotency_keys")
+    def control_prune_idempotency_keys():
+        """A day has passed: Stripe may prune keys once they are 24 hours old, and a reused
+        key then makes a new request (https://docs.stripe.com/idempotency)."""
+        with state.lock:
+            pruned = len(state.idempotency)
+            state.idempotency.clear()
+        return respond({"pruned": pruned})
+
     @app.get("/_control/events")
     def control_events():
         """Every stored event, oldest first."""
