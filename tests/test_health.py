@@ -92,6 +92,21 @@ def test_stale_reconciliation_fires_only_once_owed(service, db):
     assert alerts(service)[("ReconciliationStale", "vapi")]
 
 
+def test_a_claim_stripe_has_not_accepted_for_half_an_hour_fires_recharge_claims_stuck(service, db):
+    org = open_wallet(service, balance_minor=1000)
+    db.execute(
+        "INSERT INTO billing.recharge_claims (org_id, amount_minor, currency, status, idempotency_key,"
+        " created_at) VALUES (%s, 2000, 'usd', 'pending', 'fresh', now() - interval '29 minutes')",
+        (org,),
+    )
+    assert not alerts(service)[("RechargeClaimsStuck", "stripe")]
+    db.execute("UPDATE billing.recharge_claims SET created_at = now() - interval '31 minutes'")
+    assert alerts(service)[("RechargeClaimsStuck", "stripe")]
+    # Stripe accepted it and is processing a bank debit: days are normal, nothing fires.
+    db.execute("UPDATE billing.recharge_claims SET payment_intent_id = 'pi_BankDebit01'")
+    assert not alerts(service)[("RechargeClaimsStuck", "stripe")]
+
+
 def test_low_balance_notifies_once_per_crossing(service, db):
     org = open_wallet(service, balance_minor=1000)
     service.execute("SELECT * FROM api.set_low_balance_threshold(%s, 500)", (org,))

@@ -105,6 +105,12 @@ AS $$
   -- Claims not yet accepted by Stripe (a stuck worker or a Stripe outage) ...
   UNION ALL SELECT 'recharge_pending', 'stripe', count(*) FROM billing.recharge_claims AS c
              WHERE c.status = 'pending' AND c.payment_intent_id IS NULL
+  -- ... and how long the oldest of those has waited: a claim normally lives seconds, so half an
+  -- hour means nobody is charging (RechargeClaimsStuck). 0 when there is none.
+  UNION ALL SELECT 'recharge_pending_oldest_seconds', 'stripe',
+                   coalesce(EXTRACT(EPOCH FROM now() - min(c.created_at)), 0)
+              FROM billing.recharge_claims AS c
+             WHERE c.status = 'pending' AND c.payment_intent_id IS NULL
   -- ... apart from those Stripe accepted and is still processing (a bank debit: days, normal).
   UNION ALL SELECT 'recharge_processing', 'stripe', count(*) FROM billing.recharge_claims AS c
              WHERE c.status = 'pending' AND c.payment_intent_id IS NOT NULL
@@ -139,6 +145,7 @@ AS $$
     ('ReconciliationStale', 'reconciliation_age_seconds', 26 * 3600, true),
     ('DiscrepanciesOpen', 'open_discrepancies', 0, true),
     ('RechargeFailures', 'recharge_failures_24h', 0, true),
+    ('RechargeClaimsStuck', 'recharge_pending_oldest_seconds', 1800, true),
     ('AutoRechargeDisabled', 'auto_recharge_disabled', 0, true))
   SELECT r.alert, m.provider, m.value, r.threshold::double precision,
          CASE WHEN r.fires_above THEN m.value > r.threshold ELSE m.value < r.threshold END
