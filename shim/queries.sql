@@ -21,6 +21,10 @@ SELECT api.record_checkout_session(%(request_id)s::bigint, %(session_id)s::text,
 -- Stripe could not create the session: let the retry take the lease at once.
 SELECT api.release_checkout_lease(%(request_id)s::bigint)
 
+-- name: mark_checkout_expired
+-- Stripe says the request's session expired unpaid: the next begin_checkout starts a new attempt.
+SELECT api.mark_checkout_expired(%(request_id)s::bigint, %(session_id)s::text)
+
 -- name: retry_webhook_events
 -- The worker's pass over failed events that are due.
 SELECT api.retry_webhook_events(%(max_events)s::integer) AS counts

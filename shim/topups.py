@@ -52,6 +52,22 @@ def decide(pool, claims: dict, amount: int, client_request_id: str) -> dict:
         time.sleep(PENDING_POLL_SECONDS)
 
 
+def session_expired_unpaid(config, pool, answer: dict) -> bool:
+    """Our clock says the request's session expired, and no payment was seen. Stripe decides:
+    a session the customer completed at the last moment (its webhook still on its way) or that
+    is still open stands, so the customer is never offered a second payment for one request.
+    Only an `expired` session is marked so here, which lets the next decision start attempt 2."""
+    session = make_client(config).v1.checkout.sessions.retrieve(answer["session_id"])
+    if session.status != "expired":
+        return False
+    with pool.connection() as conn:
+        conn.execute(
+            QUERIES["mark_checkout_expired"],
+            {"request_id": answer["request_id"], "session_id": answer["session_id"]},
+        )
+    return True
+
+
 def create_session(config, answer: dict):
     """Create the Checkout Session; the amount and the key come from SQL's answer."""
     metadata = {"org_id": answer["org_id"], "checkout_request_id": str(answer["request_id"])}
@@ -92,6 +108,11 @@ def create_top_up():
     pool = current_app.extensions["creditledger.pool"]
 
     answer = decide(pool, claims, amount, client_request_id)
+    if answer["status"] == "verify":
+        if session_expired_unpaid(config, pool, answer):
+            answer = decide(pool, claims, amount, client_request_id)
+        else:
+            answer["status"] = "existing"
     status = "existing"
     if answer["status"] == "conflict":
         return jsonify({"error": "conflict", "message": "client_request_id was used for another amount"}), 409

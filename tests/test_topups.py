@@ -5,6 +5,7 @@ import uuid
 
 import pytest
 
+from shim.stripe_client import make_client
 from tests.db_helpers import open_wallet
 from tests.jwt_tokens import bearer, supabase_token
 
@@ -15,6 +16,9 @@ def top_up(client, org, amount=2500, request_id=None, token=None):
         json={"amount_minor": amount, "client_request_id": str(request_id or uuid.uuid4())},
         headers=bearer(token or supabase_token(org)),
     )
+
+
+RETRIEVE_SESSION = "GET /v1/checkout/sessions/<session_id>"
 
 
 def creations(fake_stripe) -> dict:
@@ -130,20 +134,92 @@ def test_paid_session_credits_once_through_the_webhook(client, service, db, stri
     assert again.json["status"] == "created"  # a completed session is not offered again
 
 
-def test_expired_session_gets_a_new_attempt_under_a_new_key(client, service, db, fake_stripe):
-    """A session that expired unpaid is not offered again: the same request gets a new session,
-    created under a new idempotency key (attempt 2), and the old one is not reused."""
+def session_lapses(db, stripe_client, session_id, *, at_stripe: bool):
+    """The session's expires_at passes on our clock; with at_stripe, Stripe expired it too."""
+    db.execute("UPDATE billing.checkout_requests SET session_expires_at = now() - interval '1 second'")
+    if at_stripe:
+        stripe_client.v1.checkout.sessions.expire(session_id)
+
+
+def test_expired_session_gets_a_new_attempt_under_a_new_key(client, service, db, fake_stripe, shim_config):
+    """A session that expired unpaid (Stripe says so) is not offered again: the same request
+    gets a new session, created under a new idempotency key (attempt 2)."""
     org = open_wallet(service)
     request_id = uuid.uuid4()
     token = supabase_token(org)
     first = top_up(client, org, request_id=request_id, token=token)
-    db.execute("UPDATE billing.checkout_requests SET session_expires_at = now() - interval '1 second'")
+    session_lapses(db, make_client(shim_config), first.json["session_id"], at_stripe=True)
     second = top_up(client, org, request_id=request_id, token=token)
     assert second.status_code == 200 and second.json["status"] == "created"
     assert second.json["session_id"] != first.json["session_id"]
-    row = db.execute("SELECT attempt, idempotency_key FROM billing.checkout_requests").fetchone()
-    assert row["attempt"] == 2 and row["idempotency_key"].endswith("-2")
+    row = db.execute("SELECT attempt, idempotency_key, status FROM billing.checkout_requests").fetchone()
+    assert row["attempt"] == 2 and row["idempotency_key"].endswith("-2") and row["status"] == "open"
     assert creations(fake_stripe)["created"] == 2
+    third = top_up(client, org, request_id=request_id, token=token)
+    assert third.json == dict(second.json, status="existing")
+
+
+@pytest.mark.parametrize("at_stripe", ["complete", "open"])
+def test_session_paid_or_open_at_stripe_past_our_expiry_is_not_replaced(
+    client, service, db, fake_stripe, shim_config, at_stripe
+):
+    """F-9: the customer paid in the session's last moments and its webhook has not arrived (or
+    our clock runs ahead of Stripe's). Retrying the same request must not offer a second
+    payment: Stripe is asked, and the same session stands; nothing is created."""
+    org = open_wallet(service)
+    request_id = uuid.uuid4()
+    token = supabase_token(org)
+    first = top_up(client, org, request_id=request_id, token=token)
+    if at_stripe == "complete":
+        fake_stripe.control(f"complete_session/{first.json['session_id']}")  # webhook not delivered
+    session_lapses(db, make_client(shim_config), first.json["session_id"], at_stripe=False)
+
+    again = top_up(client, org, request_id=request_id, token=token)
+    assert again.status_code == 200 and again.json == dict(first.json, status="existing")
+    endpoints = fake_stripe.stats()["endpoints"]
+    assert endpoints[RETRIEVE_SESSION]["calls"] == 1  # Stripe was asked
+    assert creations(fake_stripe)["calls"] == 1
+    row = db.execute("SELECT attempt, status FROM billing.checkout_requests").fetchone()
+    assert (row["attempt"], row["status"]) == (1, "open")
+
+
+def test_a_paid_request_is_never_offered_again_even_after_its_expiry(
+    client, service, db, stripe_delivers, shim_config
+):
+    """A completed request answers with its session for good: no new attempt, no Stripe call."""
+    org = open_wallet(service)
+    request_id = uuid.uuid4()
+    token = supabase_token(org)
+    first = top_up(client, org, request_id=request_id, token=token)
+    stripe_delivers.control(f"complete_session/{first.json['session_id']}")
+    assert db.execute("SELECT status FROM billing.checkout_requests").fetchone()["status"] == "completed"
+    db.execute("UPDATE billing.checkout_requests SET session_expires_at = now() - interval '1 second'")
+    again = top_up(client, org, request_id=request_id, token=token)
+    assert again.json == dict(first.json, status="existing")
+    endpoints = stripe_delivers.stats()["endpoints"]
+    assert endpoints["POST /v1/checkout/sessions"]["calls"] == 1
+    assert RETRIEVE_SESSION not in endpoints
+
+
+def test_stripe_unreachable_while_checking_an_expired_session_is_503_and_changes_nothing(
+    client, service, db, fake_stripe, shim_config, monkeypatch
+):
+    import shim.topups
+
+    org = open_wallet(service)
+    request_id = uuid.uuid4()
+    token = supabase_token(org)
+    first = top_up(client, org, request_id=request_id, token=token)
+    session_lapses(db, make_client(shim_config), first.json["session_id"], at_stripe=True)
+    real = shim.topups.make_client
+    monkeypatch.setattr(shim.topups, "make_client", lambda config: real(config, max_network_retries=0))
+    fake_stripe.control("fail", {"count": 1, "status": 500, "path_prefix": "/v1/checkout"})
+    outage = top_up(client, org, request_id=request_id, token=token)
+    assert outage.status_code == 503
+    row = db.execute("SELECT attempt, status, session_id FROM billing.checkout_requests").fetchone()
+    assert (row["attempt"], row["status"], row["session_id"]) == (1, "open", first.json["session_id"])
+    retry = top_up(client, org, request_id=request_id, token=token)
+    assert retry.json["status"] == "created" and retry.json["session_id"] != first.json["session_id"]
 
 
 def test_stripe_unreachable_is_503_and_the_retry_gets_one_session(client, service, fake_stripe, monkeypatch):

@@ -16,7 +16,9 @@ $$;
 -- Called by the platform frontend's user (through the shim, under the user's JWT).
 -- status: 'existing' (return this session), 'create' (you hold the lease: call Stripe with
 -- idempotency_key, then record_checkout_session), 'pending' (another request holds the lease:
--- ask again shortly), 'conflict' (this client_request_id was used for another amount).
+-- ask again shortly), 'conflict' (this client_request_id was used for another amount), 'verify'
+-- (the session's expiry has passed with no payment seen: ask Stripe; if it says expired, call
+-- api.mark_checkout_expired and ask again, else the same session stands).
 CREATE OR REPLACE FUNCTION api.begin_checkout(amount_minor bigint, client_request_id uuid)
   RETURNS jsonb
   LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = ''
@@ -79,8 +81,13 @@ BEGIN
     RETURN billing._checkout_answer(c, 'create');
   END IF;
 
-  IF c.status IN ('open', 'completed') AND (c.session_expires_at IS NULL OR c.session_expires_at > now()) THEN
+  -- A paid request is never offered, nor created, again.
+  IF c.status = 'completed' OR (c.status = 'open' AND coalesce(c.session_expires_at > now(), true)) THEN
     RETURN billing._checkout_answer(c, 'existing');
+  ELSIF c.status = 'open' THEN
+    -- Expired by our clock, but the customer may have paid at the last moment and its webhook
+    -- not arrived yet: only Stripe can say that a new attempt cannot make them pay twice (F-9).
+    RETURN billing._checkout_answer(c, 'verify');
   ELSIF c.status = 'creating' AND c.lease_until > now() THEN
     RETURN billing._checkout_answer(c, 'pending');
   ELSIF c.status = 'creating' THEN
@@ -90,7 +97,7 @@ BEGIN
      WHERE id = c.id RETURNING * INTO c;
     RETURN billing._checkout_answer(c, 'create');
   END IF;
-  -- The session expired unpaid: a new attempt, under a new key.
+  -- Stripe said the session expired unpaid: a new attempt, under a new key.
   UPDATE billing.checkout_requests AS cr
      SET status = 'creating', attempt = cr.attempt + 1, session_id = NULL, checkout_url = NULL,
          session_expires_at = NULL, lease_until = now() + s.checkout_lease, updated_at = now(),
@@ -132,6 +139,19 @@ BEGIN
 END
 $$;
 GRANT EXECUTE ON FUNCTION api.record_checkout_session(bigint, text, text, timestamptz) TO service_role;
+
+-- Stripe says the request's session expired unpaid: the next api.begin_checkout for it starts a
+-- new attempt. Only that session of an open request is marked (a second tab's check changes
+-- nothing once the first has moved on).
+CREATE OR REPLACE FUNCTION api.mark_checkout_expired(request_id bigint, session_id text)
+  RETURNS void
+  LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = ''
+AS $$
+  UPDATE billing.checkout_requests AS cr SET status = 'expired', updated_at = now()
+   WHERE cr.id = mark_checkout_expired.request_id AND cr.session_id = mark_checkout_expired.session_id
+     AND cr.status = 'open'
+$$;
+GRANT EXECUTE ON FUNCTION api.mark_checkout_expired(bigint, text) TO service_role;
 
 -- The lease holder could not create the session (Stripe unreachable): give the lease back so the
 -- customer's retry proceeds at once, under the same idempotency key.

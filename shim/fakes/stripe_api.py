@@ -391,6 +391,19 @@ def _complete_session(state, session_id, body):
     return result, events
 
 
+def _expire_session(state, session_id):
+    """POST /v1/checkout/sessions/{id}/expire: an open session can no longer be paid, its URL
+    is gone, and checkout.session.expired follows (https://docs.stripe.com/api/checkout/sessions/expire)."""
+    session = state.get("checkout.session", session_id, "session")
+    if session["status"] != "open":
+        raise _invalid(
+            'Only Checkout Sessions with a status in ["open"] can be expired. '
+            f'This Checkout Session has a status of "{session["status"]}".'
+        )
+    session = state.put({**session, "status": "expired", "url": None})
+    return session, [state.emit("checkout.session.expired", session)]
+
+
 def _create_payment_intent(state, params, request_info):
     """POST /v1/payment_intents; with confirm=true it charges at once: success, or a 402
     card_error when the payment method was told to decline (see /_control/decline)."""
@@ -793,6 +806,15 @@ def create_app(webhook_url=None, webhook_secret=None):
         args = params()
         with state.lock:
             session = copy.deepcopy(_create_session(state, args))
+        return respond(session)
+
+    @app.post("/v1/checkout/sessions/<session_id>/expire")
+    def expire_session(session_id):
+        """Expire an open Checkout Session."""
+        with state.lock:
+            session, events = _expire_session(state, session_id)
+            session = copy.deepcopy(session)
+        _deliver(state, events)
         return respond(session)
 
     @app.get("/v1/checkout/sessions/<session_id>")
