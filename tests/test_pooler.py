@@ -348,7 +348,12 @@ def test_auto_recharge_claim_under_advisory_xact_lock_through_the_pooler(
     claims = db.execute("SELECT * FROM billing.recharge_claims WHERE org_id = %s", (org,)).fetchall()
     assert [c["status"] for c in claims] == ["pending"]
     assert claims[0]["amount_minor"] == 3_000 - 990  # taken at the first balance below 1000
-    advisory = db.execute("SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory'").fetchone()["n"]
+    # This database's advisory locks only: pg_locks spans the server, where another session (a
+    # migration elsewhere, another run on the same server) may hold one of its own.
+    advisory = db.execute(
+        "SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory'"
+        " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    ).fetchone()["n"]
     assert advisory == 0
 
     config = dataclasses.replace(shim_config, database_url=pooler_url)

@@ -99,11 +99,13 @@ def test_reconciliation_racing_live_webhooks_credits_once(
     stripe_delivers.control("webhooks", {"deliver": False})
     for i in range(20):
         pay(client, stripe_delivers, org, 1000 + i)
-    redelivery = threading.Thread(
-        target=lambda: (
-            stripe_delivers.control("webhooks", {"deliver": True}) or stripe_delivers.control("redeliver", {})
-        )
-    )
+    redelivered = []
+
+    def webhooks_come_back():
+        stripe_delivers.control("webhooks", {"deliver": True})
+        redelivered.extend(stripe_delivers.control("redeliver", {})["event_ids"])
+
+    redelivery = threading.Thread(target=webhooks_come_back)
     redelivery.start()
     runs = [
         threading.Thread(target=reconcile_stripe, args=(pool, make_client(shim_config), timedelta(days=1)))
@@ -113,6 +115,7 @@ def test_reconciliation_racing_live_webhooks_credits_once(
         run.start()
     for thread in [redelivery, *runs]:
         thread.join(60)
+    assert not redelivery.is_alive() and len(redelivered) == 40  # each payment's two events raced
     assert ledger_count(db, org) == 20
     assert wallet(db, org)["balance_minor"] == sum(1000 + i for i in range(20))
 
