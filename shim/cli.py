@@ -76,7 +76,7 @@ def cmd_worker(args) -> int:
 
 
 def cmd_reconcile(args) -> int:
-    """Reconcile the ledger with Stripe or Vapi over --since (e.g. 7d, 24h)."""
+    """Reconcile the ledger with Stripe, Vapi or Twilio over --since (e.g. 7d, 24h)."""
     from shim.config import Config
     from shim.pool import open_pool
     from shim.reconcile import parse_since
@@ -131,8 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--interval", type=float, default=5.0, help="seconds between passes")
     worker.set_defaults(func=cmd_worker)
     reconcile = sub.add_parser("reconcile", help=cmd_reconcile.__doc__)
-    reconcile.add_argument("provider", choices=["stripe", "vapi"])
-    reconcile.add_argument("--since", default=None, help="how far back: 7d, 24h, 90m (default: 7d / 24h)")
+    reconcile.add_argument("provider", choices=["stripe", "vapi", "twilio"])
+    reconcile.add_argument(
+        "--since", default=None, help="how far back: 7d, 24h, 90m (default: stripe 7d, vapi 24h, twilio 7d)"
+    )
     reconcile.add_argument(
         "--resume", action="store_true", help="continue the latest failed run over its own window"
     )

@@ -23,6 +23,10 @@ class Config:
     vapi_webhook_secret: str | None = field(default_factory=lambda: _env("VAPI_WEBHOOK_SECRET"))
     vapi_api_base: str = field(default_factory=lambda: _env("VAPI_API_BASE") or "https://api.vapi.ai")
     twilio_auth_token: str | None = field(default_factory=lambda: _env("TWILIO_AUTH_TOKEN"))
+    # With the auth token, the REST credentials Twilio reconciliation fetches messages with.
+    twilio_account_sid: str | None = field(default_factory=lambda: _env("TWILIO_ACCOUNT_SID"))
+    # None: the SDK's own https://api.twilio.com (set to a fake in tests and the demo).
+    twilio_api_base: str | None = field(default_factory=lambda: _env("TWILIO_API_BASE"))
     public_base_url: str | None = field(default_factory=lambda: _env("PUBLIC_BASE_URL"))
     supabase_jwt_secret: str | None = field(default_factory=lambda: _env("SUPABASE_JWT_SECRET"))
     # Where a top-up's Checkout page sends the customer back to.

@@ -60,3 +60,11 @@ SELECT api.failed_reconciliation_window(%(provider)s::text) AS window
 -- name: health_report
 -- Every billing health number and the alerts evaluated on them, from one evaluation.
 SELECT api.health_report() AS report
+
+-- name: twilio_reconciliation_candidates
+-- The SMS a Twilio reconciliation run asks Twilio about: callback overdue or never came.
+SELECT message_sid FROM api.twilio_reconciliation_candidates(%(run_id)s::bigint) AS message_sid
+
+-- name: reconcile_twilio_message
+-- Apply the status Twilio reports for one SMS through the status callback's path.
+SELECT api.reconcile_twilio_message(%(run_id)s::bigint, %(message_sid)s::text, %(message)s::jsonb) AS result

@@ -1,5 +1,5 @@
-"""`creditledger reconcile stripe|vapi --since ...`: page the provider's own records and feed
-every object through the same SQL path as its webhook, so a lost webhook is applied exactly
+"""`creditledger reconcile stripe|vapi|twilio --since ...`: read the provider's own records and
+feed every object through the same SQL path as its webhook, so a lost webhook is applied exactly
 once and an object already applied is a duplicate. Runs and discrepancies are rows in the
 database (billing.reconciliation_runs, billing.discrepancies); an interrupted run resumes from
 its cursor. Safe beside live webhooks and beside another reconciliation: every write is keyed."""
@@ -11,7 +11,11 @@ from datetime import UTC, datetime, timedelta
 import requests
 import stripe
 from psycopg.types.json import Jsonb
+from twilio.base.exceptions import TwilioRestException
+from twilio.http.http_client import TwilioHttpClient
+from twilio.rest import Client as TwilioClient
 
+from shim.queries import QUERIES
 from shim.retry import RetryableError, with_backoff
 
 log = logging.getLogger(__name__)
@@ -206,3 +210,77 @@ def reconcile_vapi(
                 conn.execute("SELECT api.reconcile_vapi_call(%s::bigint, %s::jsonb)", (run_id, Jsonb(call)))
 
     return run_window(pool, "vapi", window_start, window_end, body)
+
+
+# ---------------------------------------------------------------------------- Twilio
+
+# The Message resource fields the ledger keeps as evidence (dates as ISO-8601).
+_TWILIO_FIELDS = (
+    "sid",
+    "status",
+    "error_code",
+    "error_message",
+    "account_sid",
+    "to",
+    "num_segments",
+    "price",
+    "price_unit",
+    "api_version",
+    "messaging_service_sid",
+    "date_sent",
+    "date_updated",
+)
+
+
+class TwilioMessages:
+    """GET /2010-04-01/Accounts/{AccountSid}/Messages/{Sid}.json through the official SDK,
+    retried on 429 and 5xx."""
+
+    def __init__(self, account_sid: str, auth_token: str, api_base: str | None = None):
+        self.client = TwilioClient(account_sid, auth_token, http_client=TwilioHttpClient(timeout=30))
+        if api_base:
+            # twilio-python builds every URL of a domain from its `base_url`
+            # (twilio/base/domain.py Domain.absolute_url; twilio/rest/api/ApiBase.py sets
+            # "https://api.twilio.com"), so this points client.messages(...) at another server.
+            self.client.api.base_url = api_base
+
+    def fetch(self, sid: str) -> dict:
+        """The message as a JSON object, or Twilio's error (code 20404) when it has none."""
+
+        def fetch():
+            try:
+                return self.client.messages(sid).fetch()
+            except TwilioRestException as exc:
+                if exc.status == 429 or exc.status >= 500:
+                    raise RetryableError(f"GET message {sid} answered {exc.status}") from exc
+                raise
+
+        try:
+            message = with_backoff(fetch, retryable=(RetryableError, requests.ConnectionError))
+        except TwilioRestException as exc:
+            if exc.status != 404:
+                raise
+            return {"code": exc.code, "status": exc.status, "message": exc.msg}
+        record = {name: getattr(message, name) for name in _TWILIO_FIELDS}
+        record["from"] = message.from_
+        for name in ("date_sent", "date_updated"):
+            record[name] = record[name] and record[name].isoformat()
+        return record
+
+
+def reconcile_twilio(pool, messages: TwilioMessages, since: timedelta, now: datetime | None = None) -> dict:
+    """Ask Twilio about every SMS registered in the window whose status callback is overdue or
+    never came, and apply what Twilio says through the callback's SQL path."""
+    window_end = now or datetime.now(UTC)
+    window_start = window_end - since
+
+    def body(run_id: int, _resume_cursor):
+        with pool.connection() as conn:
+            candidates = conn.execute(QUERIES["twilio_reconciliation_candidates"], {"run_id": run_id})
+            for sid in [row["message_sid"] for row in candidates.fetchall()]:
+                conn.execute(
+                    QUERIES["reconcile_twilio_message"],
+                    {"run_id": run_id, "message_sid": sid, "message": Jsonb(messages.fetch(sid))},
+                )
+
+    return run_window(pool, "twilio", window_start, window_end, body)

@@ -10,13 +10,13 @@ from shim.config import Config
 from shim.http_errors import require
 from shim.queries import QUERIES
 from shim.recharge import process_claims
-from shim.reconcile import VapiCalls, reconcile_stripe, reconcile_vapi
+from shim.reconcile import TwilioMessages, VapiCalls, reconcile_stripe, reconcile_twilio, reconcile_vapi
 from shim.stripe_client import make_client
 
 log = logging.getLogger(__name__)
 
 
-DEFAULT_SINCE = {"stripe": timedelta(days=7), "vapi": timedelta(hours=24)}
+DEFAULT_SINCE = {"stripe": timedelta(days=7), "vapi": timedelta(hours=24), "twilio": timedelta(days=7)}
 
 
 def reconcile_provider(
@@ -35,6 +35,13 @@ def reconcile_provider(
         since = window_end - datetime.fromisoformat(failed["window"]["window_start"])
     if provider == "stripe":
         return reconcile_stripe(pool, make_client(config), since, now=window_end)
+    if provider == "twilio":
+        messages = TwilioMessages(
+            require(config.twilio_account_sid, "TWILIO_ACCOUNT_SID"),
+            require(config.twilio_auth_token, "TWILIO_AUTH_TOKEN"),
+            config.twilio_api_base,
+        )
+        return reconcile_twilio(pool, messages, since, now=window_end)
     calls = VapiCalls(config.vapi_api_base, require(config.vapi_api_key, "VAPI_API_KEY"))
     return reconcile_vapi(pool, calls, since, now=window_end)
 
@@ -42,7 +49,12 @@ def reconcile_provider(
 def reconcile_due(pool, config: Config) -> dict:
     """Run each configured provider's reconciliation when the schedule says it is due."""
     report = {}
-    for provider, key in (("stripe", config.stripe_api_key), ("vapi", config.vapi_api_key)):
+    twilio_key = config.twilio_account_sid and config.twilio_auth_token
+    for provider, key in (
+        ("stripe", config.stripe_api_key),
+        ("vapi", config.vapi_api_key),
+        ("twilio", twilio_key),
+    ):
         if not key:
             report[provider] = "skipped: not configured"
             continue

@@ -199,3 +199,18 @@ def fake_vapi():
     url, stop = serve_in_thread(vapi_api.create_app("vapi-test-api-key"))
     yield FakeProvider(url)
     stop()
+
+
+TWILIO_ACCOUNT_SID = "AC" + "7" * 32
+
+
+@pytest.fixture
+def fake_twilio():
+    """The fake Twilio Message API on loopback, for the account TWILIO_ACCOUNT_SID (its password
+    is the auth token the status callbacks are signed with, as at Twilio)."""
+    from shim.fakes import twilio_api
+    from shim.fakes.serve import serve_in_thread
+
+    url, stop = serve_in_thread(twilio_api.create_app(TWILIO_ACCOUNT_SID, SECRETS["twilio_auth_token"]))
+    yield FakeProvider(url)
+    stop()

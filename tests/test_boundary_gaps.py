@@ -216,8 +216,9 @@ def test_an_sms_whose_status_callback_never_came_is_not_silently_given_away(serv
     503 can drop it), the hold expires after 24 h and is released. Before the fix nothing
     recorded that: the message Twilio bills the platform for was never charged. Now the expiry
     records an open `unsettled_sms` discrepancy (provider twilio) that alerts, for an operator to
-    settle from Twilio's record. There is still no automated Twilio reconciliation; the test
-    accepts either a charge or the open discrepancy."""
+    settle from Twilio's record, which Twilio reconciliation now does by itself
+    (tests/test_reconciliation_twilio.py); this test accepts either a charge or the open
+    discrepancy."""
     org = open_wallet(service, balance_minor=1_000)
     sid = payloads.twilio_sid("SM")
     registered = service.execute("SELECT * FROM api.register_sms(%s, %s, 2)", (org, sid)).fetchone()

@@ -227,7 +227,7 @@ def test_app_built_without_a_pool_opens_its_own(shim_config, service, db):
 def cli_env(monkeypatch, db_url):
     """The environment a command runs with: this test's database and no provider configured."""
     monkeypatch.setenv("DATABASE_URL", db_url)
-    for name in ("STRIPE_API_KEY", "STRIPE_API_BASE", "VAPI_API_KEY", "VAPI_API_BASE"):
+    for name in ("STRIPE_API_KEY", "STRIPE_API_BASE", "VAPI_API_KEY", "VAPI_API_BASE", "TWILIO_ACCOUNT_SID"):
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
 
@@ -312,6 +312,7 @@ def test_worker_once_retries_due_events_and_skips_what_is_not_configured(cli_env
     assert report["reconciliation"] == {
         "stripe": "skipped: not configured",
         "vapi": "skipped: not configured",
+        "twilio": "skipped: not configured",
     }
     assert wallet(db, org)["balance_minor"] == 2500 and ledger_count(db, org) == 1
 

@@ -231,7 +231,7 @@ REFUSALS = [
     ),
     (
         "run-unknown-provider",
-        "SELECT api.start_reconciliation_run('twilio', now() - interval '1 hour', now())",
+        "SELECT api.start_reconciliation_run('paypal', now() - interval '1 hour', now())",
         "provider",
     ),
     (

@@ -350,8 +350,9 @@ END
 $$;
 
 -- Free every hold past its expiry (a call or SMS never reported). Run by the worker. A call's
--- charge is recovered by Vapi reconciliation; an SMS whose status callback never came has no
--- such source here, so its expiry is recorded as an open discrepancy (an alert) to settle by hand.
+-- charge is recovered by Vapi reconciliation; an SMS whose status callback never came is
+-- recorded as an open unsettled_sms discrepancy (an alert), which Twilio reconciliation settles
+-- from Twilio's record (api.reconcile_twilio_message) or an operator by hand.
 CREATE OR REPLACE FUNCTION api.expire_holds()
   RETURNS integer
   LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = ''

@@ -1,5 +1,5 @@
--- Reconciliation: Stripe's and Vapi's own records fed through the webhook path, so that what a
--- lost webhook missed is applied exactly once, and what does not add up is recorded.
+-- Reconciliation: Stripe's, Vapi's and Twilio's own records fed through the webhook path, so that
+-- what a lost webhook missed is applied exactly once, and what does not add up is recorded.
 
 -- Start a run, or resume the provider's interrupted one (its cursor says how far it got).
 CREATE OR REPLACE FUNCTION api.start_reconciliation_run(
@@ -10,8 +10,8 @@ AS $$
 DECLARE
   run billing.reconciliation_runs;
 BEGIN
-  IF provider IS NULL OR provider NOT IN ('stripe', 'vapi') THEN
-    PERFORM billing._invalid('provider', 'must be stripe or vapi');
+  IF provider IS NULL OR provider NOT IN ('stripe', 'vapi', 'twilio') THEN
+    PERFORM billing._invalid('provider', 'must be stripe, vapi or twilio');
   END IF;
   IF window_start IS NULL OR window_end IS NULL OR window_end <= window_start THEN
     PERFORM billing._invalid('window_end', 'must be after window_start');
@@ -184,6 +184,110 @@ END
 $$;
 GRANT EXECUTE ON FUNCTION api.reconcile_vapi_call(bigint, jsonb) TO service_role;
 
+-- The SMS a Twilio run asks Twilio about, oldest first: registered in the run's window and either
+-- still held past the grace (its callback is late) or expired with an open unsettled_sms
+-- discrepancy (its callback never came). Chosen by state, so a resumed run asks again about
+-- exactly what is still unsettled.
+CREATE OR REPLACE FUNCTION api.twilio_reconciliation_candidates(run_id bigint)
+  RETURNS SETOF text
+  LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = ''
+AS $$
+DECLARE
+  run billing.reconciliation_runs;
+  v_until timestamptz;
+BEGIN
+  SELECT * INTO run FROM billing.reconciliation_runs AS r
+   WHERE r.id = twilio_reconciliation_candidates.run_id AND r.provider = 'twilio';
+  IF NOT FOUND THEN
+    PERFORM billing._invalid('run_id', 'no such Twilio reconciliation run');
+  END IF;
+  v_until := run.window_end - (billing._settings()).reconcile_sms_grace;
+  -- Two small sets, each found through its partial "open" index, not a scan of every hold.
+  RETURN QUERY
+    SELECT c.ref FROM (
+      SELECT h.ref, h.created_at, h.id FROM billing.holds AS h
+       WHERE h.status = 'open' AND h.purpose = 'sms'
+         AND h.created_at >= run.window_start AND h.created_at <= v_until
+      UNION
+      SELECT h.ref, h.created_at, h.id FROM billing.discrepancies AS d
+        JOIN billing.holds AS h ON h.purpose = 'sms' AND h.ref = d.ref
+       WHERE d.status = 'open' AND d.provider = 'twilio' AND d.kind = 'unsettled_sms'
+         AND h.created_at >= run.window_start AND h.created_at <= v_until) AS c
+    ORDER BY c.created_at, c.id;
+END
+$$;
+GRANT EXECUTE ON FUNCTION api.twilio_reconciliation_candidates(bigint) TO service_role;
+
+-- One SMS as Twilio knows it: `message` is its Message resource (GET /2010-04-01/Accounts/{Sid}/
+-- Messages/{Sid}.json), or Twilio's error answer (no `sid`) when Twilio has no such message. A
+-- status Twilio has decided goes through the status callback's own path (inbox event
+-- '<sid>:<status>', then billing._settle_sms), so the callback and this charge once between them.
+-- A settled SMS closes its unsettled_sms discrepancy; one still in flight or unknown to Twilio
+-- keeps it open, with what Twilio said, counted in this run.
+CREATE OR REPLACE FUNCTION api.reconcile_twilio_message(run_id bigint, message_sid text, message jsonb)
+  RETURNS jsonb
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = ''
+AS $$
+DECLARE
+  -- Twilio's error answer carries an HTTP `status` too: only a resource's status is the message's.
+  v_status text := CASE WHEN message ->> 'sid' IS NOT NULL THEN message ->> 'status' END;
+  v_answer jsonb;
+  v_outcome text;
+  v_entry_id bigint;
+  v_settled boolean;
+BEGIN
+  PERFORM billing._check_key('message_sid', message_sid);
+  IF message IS NULL OR pg_catalog.jsonb_typeof(message) <> 'object'
+     OR coalesce(message ->> 'sid', message_sid) <> message_sid THEN
+    PERFORM billing._invalid('message', 'must be the Message resource of message_sid, or Twilio''s error');
+  END IF;
+
+  IF message ->> 'sid' IS NULL THEN
+    v_outcome := 'not_found';
+  ELSIF billing._sms_status_rank(v_status) > 1 THEN
+    -- sent, delivered, read, failed, undelivered, canceled: exactly what the callback would say.
+    v_answer := api.ingest_webhook(
+      'twilio', message_sid || ':' || v_status, 'message.' || v_status,
+      pg_catalog.jsonb_strip_nulls(pg_catalog.jsonb_build_object(
+        'MessageSid', message_sid, 'MessageStatus', v_status, 'ErrorCode', message ->> 'error_code',
+        'AccountSid', message ->> 'account_sid', 'From', message ->> 'from', 'To', message ->> 'to',
+        'ApiVersion', message ->> 'api_version', 'ReconciliationRunId', reconcile_twilio_message.run_id)));
+    v_outcome := CASE WHEN v_status IN ('failed', 'undelivered', 'canceled') THEN 'not_billable'
+                      ELSE billing._reconcile_outcome(v_answer) END;
+  ELSE
+    -- queued, sending, accepted, scheduled (or a status this ledger does not know): undecided.
+    v_outcome := 'in_flight';
+  END IF;
+
+  -- Settled means charged (under the key billing._settle_sms charges) or nothing owed.
+  SELECT e.id INTO v_entry_id FROM billing.ledger_entries AS e
+   WHERE e.provider_ref = 'twilio:message:' || message_sid;
+  v_settled := v_entry_id IS NOT NULL OR v_outcome = 'not_billable';
+  IF v_settled THEN
+    UPDATE billing.discrepancies AS d
+       SET status = 'resolved', resolved_at = now(),
+           evidence = d.evidence || pg_catalog.jsonb_build_object('twilio_status', v_status),
+           resolution = pg_catalog.format(
+             'resolved automatically by Twilio reconciliation run %s: Twilio says %s, %s',
+             reconcile_twilio_message.run_id, v_status,
+             coalesce('charged by ledger entry ' || v_entry_id, 'nothing to bill'))
+     WHERE d.provider = 'twilio' AND d.kind = 'unsettled_sms' AND d.ref = message_sid AND d.status = 'open';
+  ELSE
+    UPDATE billing.discrepancies AS d
+       SET run_id = reconcile_twilio_message.run_id,
+           evidence = (d.evidence - 'twilio_status' - 'twilio_error')
+                      || pg_catalog.jsonb_strip_nulls(pg_catalog.jsonb_build_object(
+                           'twilio_status', v_status,
+                           'twilio_error', CASE WHEN v_outcome = 'not_found' THEN message END,
+                           'checked_at', now()))
+     WHERE d.provider = 'twilio' AND d.kind = 'unsettled_sms' AND d.ref = message_sid AND d.status = 'open';
+  END IF;
+  PERFORM billing._count_in_run(reconcile_twilio_message.run_id, v_outcome, NULL);
+  RETURN pg_catalog.jsonb_build_object('outcome', v_outcome, 'settled', v_settled, 'answer', v_answer);
+END
+$$;
+GRANT EXECUTE ON FUNCTION api.reconcile_twilio_message(bigint, text, jsonb) TO service_role;
+
 -- Close a run with its final status and the number of discrepancies it found.
 CREATE OR REPLACE FUNCTION api.finish_reconciliation_run(run_id bigint, status text, error text DEFAULT NULL)
   RETURNS jsonb
@@ -222,10 +326,12 @@ AS $$
                           < now() - interval '10 minutes', true),
     'lookback_seconds', EXTRACT(EPOCH FROM CASE reconciliation_due.provider
                                              WHEN 'stripe' THEN s.reconcile_stripe_lookback
+                                             WHEN 'twilio' THEN s.reconcile_twilio_lookback
                                              ELSE s.reconcile_vapi_lookback END))
     FROM billing.settings AS s
     LEFT JOIN billing.reconciliation_runs AS r ON r.provider = reconciliation_due.provider
-   GROUP BY s.reconcile_every, s.reconcile_stripe_lookback, s.reconcile_vapi_lookback
+   GROUP BY s.reconcile_every, s.reconcile_stripe_lookback, s.reconcile_vapi_lookback,
+            s.reconcile_twilio_lookback
 $$;
 GRANT EXECUTE ON FUNCTION api.reconciliation_due(text) TO service_role;
 
