@@ -275,3 +275,38 @@ def test_events_waiting_in_the_inbox_are_not_counted_as_applied(
     assert post_stripe(client, event).json["status"] == "failed"
     run = reconcile_stripe(pool, make_client(shim_config), timedelta(days=1))
     assert run["seen"] == 1 and run["already_applied"] == 0 and run["recovered"] == 0
+
+
+def test_a_run_killed_without_finishing_is_failed_by_the_next_start_and_resumes(service, db):
+    """F-13: a run whose process was killed stays 'running'; once it has made no progress for
+    reconcile_stall (15 min), the provider's next start fails it, so --resume continues it."""
+
+    def start(window_start, window_end):
+        return service.execute(
+            "SELECT api.start_reconciliation_run('stripe', %s, %s) AS r", (window_start, window_end)
+        ).fetchone()["r"]
+
+    killed_window = (NOW - timedelta(days=7), NOW - timedelta(hours=1))
+    killed = start(*killed_window)["run_id"]
+    busy = service.execute(
+        "SELECT api.start_reconciliation_run('vapi', %s, %s) AS r", (NOW - timedelta(days=1), NOW)
+    ).fetchone()["r"]["run_id"]
+    db.execute("UPDATE billing.reconciliation_runs SET progressed_at = now() - interval '16 minutes'")
+    db.execute(
+        "UPDATE billing.reconciliation_runs SET progressed_at = now() - interval '5 minutes' WHERE id = %s",
+        (busy,),
+    )  # slow but alive: left alone
+
+    start(NOW - timedelta(days=7), NOW)
+    runs = {r["id"]: r for r in db.execute("SELECT * FROM billing.reconciliation_runs")}
+    assert runs[killed]["status"] == "failed" and runs[killed]["error"].startswith("abandoned: no progress")
+    assert runs[busy]["status"] == "running"  # another provider, and not stalled anyway
+
+    window = service.execute("SELECT api.failed_reconciliation_window('stripe') AS w").fetchone()["w"]
+    assert window["run_id"] == killed
+    resumed = start(*killed_window)
+    assert resumed["run_id"] == killed
+    row = db.execute(
+        "SELECT status, error FROM billing.reconciliation_runs WHERE id = %s", (killed,)
+    ).fetchone()
+    assert (row["status"], row["error"]) == ("running", None)

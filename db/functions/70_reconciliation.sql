@@ -17,9 +17,18 @@ BEGIN
     PERFORM billing._invalid('window_end', 'must be after window_start');
   END IF;
 
+  -- A run of this provider that has made no progress for reconcile_stall was killed without
+  -- finishing (its process is gone, a live one counts every object): failed, so it resumes.
+  UPDATE billing.reconciliation_runs AS r
+     SET status = 'failed', finished_at = now(),
+         error = pg_catalog.format('abandoned: no progress since %s', r.progressed_at)
+    FROM billing.settings AS s
+   WHERE r.provider = start_reconciliation_run.provider AND r.status = 'running'
+     AND r.progressed_at < now() - s.reconcile_stall;
+
   -- An interrupted run over the same window continues where it stopped.
   UPDATE billing.reconciliation_runs AS r
-     SET status = 'running', error = NULL, finished_at = NULL
+     SET status = 'running', error = NULL, finished_at = NULL, progressed_at = now()
    WHERE r.id = (SELECT x.id FROM billing.reconciliation_runs AS x
                   WHERE x.provider = start_reconciliation_run.provider
                     AND x.window_start = start_reconciliation_run.window_start
@@ -48,7 +57,7 @@ AS $$
      SET seen = seen + 1,
          already_applied = already_applied + (p_outcome = 'already_applied')::integer,
          recovered = recovered + (p_outcome = 'recovered')::integer,
-         resume_cursor = coalesce(p_cursor, resume_cursor)
+         resume_cursor = coalesce(p_cursor, resume_cursor), progressed_at = now()
    WHERE id = p_run_id
 $$;
 
