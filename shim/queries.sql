@@ -2,8 +2,9 @@
 -- queries the same way). Each is one call into the api schema.
 
 -- name: ingest_webhook
--- Store a verified provider event and apply it, in one transaction.
-SELECT api.ingest_webhook(%(provider)s::text, %(event_id)s::text, %(event_type)s::text, %(payload)s::jsonb) AS outcome
+-- Store a verified provider event and apply it, in one transaction. The payload is JSON text
+-- and the outcome comes back as JSON text: the shim relays both without re-encoding them.
+SELECT api.ingest_webhook(%(provider)s::text, %(event_id)s::text, %(event_type)s::text, %(payload)s::jsonb)::text AS outcome
 
 -- name: become_user
 -- Act as the signed-in user for the rest of the transaction, the way PostgREST does.

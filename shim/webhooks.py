@@ -5,8 +5,7 @@ or stored as failed for the worker); anything else makes the provider retry."""
 import hashlib
 import json
 
-from flask import Blueprint, current_app, jsonify, request
-from psycopg.types.json import Jsonb
+from flask import Blueprint, Response, current_app, request
 
 from shim.http_errors import BadRequest, require
 from shim.queries import QUERIES
@@ -15,26 +14,28 @@ from shim.signatures import verify_stripe, verify_twilio, verify_vapi
 bp = Blueprint("webhooks", __name__)
 
 
-def ingest(provider: str, event_id: str, event_type: str, payload: dict):
-    """Hand a verified event to api.ingest_webhook; its commit is what the 200 promises."""
+def ingest(provider: str, event_id: str, event_type: str, payload: str):
+    """Hand a verified event (`payload`: a JSON object's text) to api.ingest_webhook; its commit
+    is what the 200 promises. The outcome is relayed as the database wrote it."""
     pool = current_app.extensions["creditledger.pool"]
     with pool.connection() as conn:
         outcome = conn.execute(
             QUERIES["ingest_webhook"],
-            {"provider": provider, "event_id": event_id, "event_type": event_type, "payload": Jsonb(payload)},
+            {"provider": provider, "event_id": event_id, "event_type": event_type, "payload": payload},
         ).fetchone()["outcome"]
-    return jsonify(outcome), 200
+    return Response(outcome, status=200, mimetype="application/json")
 
 
-def json_object(body: bytes) -> dict:
-    """The body as a JSON object, or 400."""
+def json_object(body: bytes) -> tuple[dict, str]:
+    """The body as a JSON object, and as the UTF-8 text the inbox stores; or 400."""
     try:
-        payload = json.loads(body)
-    except ValueError as exc:
+        text = body.decode()
+        payload = json.loads(text)
+    except ValueError as exc:  # UnicodeDecodeError included
         raise BadRequest(f"body is not JSON: {exc}") from exc
     if not isinstance(payload, dict):
         raise BadRequest("body is not a JSON object")
-    return payload
+    return payload, text
 
 
 @bp.post("/webhooks/stripe")
@@ -43,10 +44,10 @@ def stripe_webhook():
     secret = require(current_app.config["CREDITLEDGER"].stripe_webhook_secret, "STRIPE_WEBHOOK_SECRET")
     body = request.get_data()
     verify_stripe(body, request.headers.get("Stripe-Signature"), secret)
-    payload = json_object(body)
+    payload, text = json_object(body)
     if not payload.get("id") or not payload.get("type"):
         raise BadRequest("a Stripe event has an id and a type")
-    return ingest("stripe", payload["id"], payload["type"], payload)
+    return ingest("stripe", payload["id"], payload["type"], text)
 
 
 def vapi_event_id(message: dict, body: bytes) -> str:
@@ -67,11 +68,11 @@ def vapi_webhook():
     secret = require(current_app.config["CREDITLEDGER"].vapi_webhook_secret, "VAPI_WEBHOOK_SECRET")
     body = request.get_data()
     verify_vapi(body, request.headers, secret)
-    payload = json_object(body)
+    payload, text = json_object(body)
     message = payload.get("message")
     if not isinstance(message, dict) or not message.get("type"):
         raise BadRequest("a Vapi server message has message.type")
-    return ingest("vapi", vapi_event_id(message, body), message["type"], payload)
+    return ingest("vapi", vapi_event_id(message, body), message["type"], text)
 
 
 @bp.post("/webhooks/twilio/sms-status")
@@ -88,4 +89,4 @@ def twilio_sms_status():
     status = params.get("MessageStatus") or params.get("SmsStatus")
     if not sid or not status:
         raise BadRequest("a status callback has MessageSid and MessageStatus")
-    return ingest("twilio", f"{sid}:{status}", f"message.{status}", params)
+    return ingest("twilio", f"{sid}:{status}", f"message.{status}", json.dumps(params))
