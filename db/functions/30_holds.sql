@@ -142,19 +142,61 @@ END
 $$;
 GRANT EXECUTE ON FUNCTION api.authorize_call(uuid, text, integer) TO service_role;
 
--- Charge a finished call: price it here (duration rounded up to the billing increment, then
--- ceil(seconds x rate / 60)), always record it, free its hold, suspend past the debt limit.
+-- The part of a call charge done under the wallet lock: find the call's hold, price the call
+-- (duration rounded up to the billing increment, then ceil(seconds x rate / 60)), post it, free
+-- the hold, suspend past the debt limit.
+CREATE OR REPLACE FUNCTION billing._charge_call(
+  p_org_id uuid, p_call_id text, p_duration_seconds integer, p_details jsonb, p_ref text,
+  p_fingerprint text)
+  RETURNS api.op_result
+  LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = ''
+AS $$
+DECLARE
+  w billing.wallets := billing._lock_wallet(p_org_id);
+  h billing.holds;
+  v_billed_seconds bigint;
+  v_cost bigint;
+  r api.op_result;
+BEGIN
+  IF w.org_id IS NULL THEN
+    RETURN ROW('rejected', NULL, NULL, NULL, 'unknown_org')::api.op_result;
+  END IF;
+  SELECT * INTO h FROM billing.holds AS hl WHERE hl.purpose = 'call' AND hl.ref = p_call_id;
+  IF FOUND AND h.org_id <> w.org_id THEN
+    RETURN billing._result('conflict', w.org_id, 'other_org');
+  END IF;
+
+  v_billed_seconds := ((p_duration_seconds + w.billing_increment_seconds - 1)
+                       / w.billing_increment_seconds) * w.billing_increment_seconds;
+  v_cost := (v_billed_seconds * w.rate_per_minute_minor + 59) / 60;
+
+  r := billing._post_entry(
+    w, -v_cost, 'call_charge', p_ref, p_fingerprint, 'vapi', p_ref,
+    p_details || pg_catalog.jsonb_build_object(
+      'call_id', p_call_id, 'duration_seconds', p_duration_seconds,
+      'billed_seconds', v_billed_seconds, 'rate_per_minute_minor', w.rate_per_minute_minor),
+    now());
+  IF r.status = 'applied' THEN
+    IF h.id IS NOT NULL THEN
+      PERFORM billing._settle_hold(h.id, 'captured');
+    END IF;
+    r.reason := billing._after_balance_change(w.org_id, -v_cost);
+  END IF;
+  RETURN r;
+END
+$$;
+
+-- Charge a finished call: always recorded, priced here (billing._charge_call). A call charged
+-- before is answered from its entry without queueing for the wallet: an entry never changes,
+-- so the answer needs no lock (one posted meanwhile is caught by the INSERT's ON CONFLICT), and
+-- the hot wallet's lock is held only for the work that needs it.
 CREATE OR REPLACE FUNCTION api.deduct_call_credits(
   org_id uuid, call_id text, duration_seconds integer, details jsonb DEFAULT '{}')
   RETURNS api.op_result
   LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = ''
 AS $$
 DECLARE
-  w billing.wallets;
-  h billing.holds;
   v_ref text;
-  v_billed_seconds bigint;
-  v_cost bigint;
   v_fingerprint text;
   r api.op_result;
 BEGIN
@@ -169,50 +211,23 @@ BEGIN
     PERFORM billing._invalid('details', 'must be a JSON object');
   END IF;
 
-  w := billing._lock_wallet(deduct_call_credits.org_id);
-  IF w.org_id IS NULL THEN
-    RETURN ROW('rejected', NULL, NULL, NULL, 'unknown_org')::api.op_result;
-  END IF;
   v_ref := billing._call_ref(call_id);
   v_fingerprint := billing._fingerprint(pg_catalog.jsonb_build_object(
-    'op', 'call_charge', 'org_id', w.org_id, 'call_id', call_id,
+    'op', 'call_charge', 'org_id', deduct_call_credits.org_id, 'call_id', call_id,
     'duration_seconds', duration_seconds));
-
-  r := billing._existing_outcome(w.org_id, v_ref, v_ref, v_fingerprint);
+  r := billing._existing_outcome(deduct_call_credits.org_id, v_ref, v_ref, v_fingerprint);
+  IF r.status IS NULL THEN
+    r := billing._charge_call(deduct_call_credits.org_id, call_id, duration_seconds, details,
+                              v_ref, v_fingerprint);
+  END IF;
   IF r.status = 'conflict' AND r.reason = 'different_request' THEN
     -- Kept for reconciliation to resolve: which duration is right is Vapi's to say.
     INSERT INTO billing.discrepancies (provider, kind, ref, org_id, evidence)
-    VALUES ('vapi', 'duration_mismatch', call_id, w.org_id,
+    VALUES ('vapi', 'duration_mismatch', call_id, deduct_call_credits.org_id,
             pg_catalog.jsonb_build_object('charged_entry_id', r.entry_id,
                                           'reported_duration_seconds', duration_seconds))
     ON CONFLICT DO NOTHING;
   END IF;
-  IF r.status IS NOT NULL THEN
-    RETURN r;
-  END IF;
-
-  SELECT * INTO h FROM billing.holds AS hl WHERE hl.purpose = 'call' AND hl.ref = call_id;
-  IF FOUND AND h.org_id <> w.org_id THEN
-    RETURN billing._result('conflict', w.org_id, 'other_org');
-  END IF;
-
-  v_billed_seconds := ((duration_seconds + w.billing_increment_seconds - 1)
-                       / w.billing_increment_seconds) * w.billing_increment_seconds;
-  v_cost := (v_billed_seconds * w.rate_per_minute_minor + 59) / 60;
-
-  r := billing._post_entry(
-    w, -v_cost, 'call_charge', v_ref, v_fingerprint, 'vapi', v_ref,
-    details || pg_catalog.jsonb_build_object(
-      'call_id', call_id, 'duration_seconds', duration_seconds,
-      'billed_seconds', v_billed_seconds, 'rate_per_minute_minor', w.rate_per_minute_minor),
-    now());
-  IF r.status <> 'applied' THEN
-    RETURN r;
-  END IF;
-  IF h.id IS NOT NULL THEN
-    PERFORM billing._settle_hold(h.id, 'captured');
-  END IF;
-  r.reason := billing._after_balance_change(w.org_id, -v_cost);
   RETURN r;
 END
 $$;
