@@ -154,7 +154,7 @@ AS $$
 DECLARE
   w billing.wallets := billing._lock_wallet(p_org_id);
   h billing.holds;
-  v_billed_seconds bigint;
+  v_billed_seconds integer;  -- at most a week rounded up to an hour
   v_cost bigint;
   r api.op_result;
 BEGIN

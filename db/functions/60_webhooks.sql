@@ -156,7 +156,7 @@ CREATE OR REPLACE FUNCTION billing._apply_stripe_charge_refunds(p_charge jsonb)
 AS $$
 DECLARE
   v_refund jsonb;
-  v_results jsonb := '[]';
+  v_results jsonb := '[]'::jsonb;
   v_last jsonb;
 BEGIN
   IF pg_catalog.jsonb_typeof(p_charge -> 'refunds' -> 'data') IS DISTINCT FROM 'array' THEN
@@ -490,7 +490,7 @@ CREATE OR REPLACE FUNCTION api.retry_webhook_events(max_events integer DEFAULT 1
 AS $$
 DECLARE
   v_id bigint;
-  v_counts jsonb := '{}';
+  v_counts jsonb := '{}'::jsonb;
   v_status text;
 BEGIN
   IF max_events IS NULL OR max_events NOT BETWEEN 1 AND 10000 THEN
