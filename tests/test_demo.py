@@ -13,8 +13,10 @@ def test_demo_day_plays_and_reconciles(server_url, tmp_path, monkeypatch, capsys
     out = capsys.readouterr().out
     report = (tmp_path / "report.txt").read_text()
     assert "ledger invariants (balance = sum of entries, held = open holds): OK" in report
-    assert "stripe  run #" in report and "recovered 1," in report  # the payment lost in the outage
-    assert "vapi    run #" in report and "recovered 2," in report  # the two lost call reports
+    runs = {line.split()[0]: line for line in report.splitlines() if " run #" in line}
+    assert "recovered 1," in runs["stripe"]  # the payment lost in the outage
+    assert "recovered 2," in runs["vapi"]  # the two lost call reports
+    assert "recovered 1," in runs["twilio"]  # the SMS whose status callbacks were lost
     assert "FIRING  RechargeFailures{stripe}" in report  # Bolt's declined card
     assert (tmp_path / "balances.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "9/9" in out

@@ -15,8 +15,6 @@ from psycopg.rows import dict_row
 from shim.demo.stack import SECRETS, Stack
 from shim.fakes import payloads
 
-TWILIO_ACCOUNT = "AC" + "d" * 32
-
 
 @dataclass
 class Org:
@@ -77,7 +75,7 @@ class Day:
         params = payloads.twilio_status_callback(
             message_sid=sid,
             status=status,
-            account_sid=TWILIO_ACCOUNT,
+            account_sid=SECRETS["TWILIO_ACCOUNT_SID"],
             from_="+15550100000",
             to="+15550199999",
         )
@@ -194,8 +192,15 @@ class Day:
         self.progress("9 SMS: delivered, out of order, failed, duplicated")
 
     def webhook_outage(self):
-        """Stripe deliveries stop and a fifth of Vapi reports are lost, for an hour."""
+        """Stripe deliveries stop, a fifth of Vapi reports and an SMS's status callbacks are lost,
+        for an hour."""
         self.control(self.stack.stripe_url, "webhooks", {"deliver": False})
+        self.lost_sms = payloads.twilio_sid("SM")
+        self.sql("SELECT api.register_sms(%s, %s, 2)", self.orgs[0].org_id, self.lost_sms)
+        # Twilio delivered it; its callbacks never reached us. (The day runs in seconds, so
+        # reconciliation may ask about an SMS at once rather than after the 15-minute grace.)
+        self.control(self.stack.twilio_url, "messages", [{"sid": self.lost_sms, "status": "delivered"}])
+        self.db.execute("UPDATE billing.settings SET reconcile_sms_grace = interval '0'")
         self.lost_intent = self.top_up(self.orgs[2], 7_500)
         before = len(self.calls)
         for i in range(10):
@@ -203,13 +208,13 @@ class Day:
         self.lost_calls = [c["id"] for c in self.calls[before:]][::5]
         self.control(self.stack.vapi_url, "calls", self.calls)
         self.control(self.stack.stripe_url, "webhooks", {"deliver": True})
-        self.progress("webhook outage: 1 payment and 2 call reports never arrive")
+        self.progress("webhook outage: 1 payment, 2 call reports and 1 SMS status never arrive")
 
     def reconcile(self):
         import subprocess
         import sys
 
-        for provider, since in (("stripe", "1d"), ("vapi", "1d")):
+        for provider, since in (("stripe", "1d"), ("vapi", "1d"), ("twilio", "1d")):
             done = subprocess.run(
                 [sys.executable, "-m", "shim.cli", "reconcile", provider, "--since", since],
                 env=self.stack.env,

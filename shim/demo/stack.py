@@ -17,7 +17,7 @@ from psycopg import sql
 
 from shim.cli import gunicorn_argv
 from shim.database import database_url
-from shim.fakes import stripe_api, vapi_api
+from shim.fakes import stripe_api, twilio_api, vapi_api
 from shim.fakes.serve import free_port, serve_in_thread
 from shim.migrate import migrate
 
@@ -27,6 +27,7 @@ SECRETS = {
     "STRIPE_WEBHOOK_SECRET": "whsec_demo",
     "VAPI_API_KEY": "vapi-demo-key",
     "VAPI_WEBHOOK_SECRET": "vapi-demo-secret",
+    "TWILIO_ACCOUNT_SID": "AC" + "d" * 32,
     "TWILIO_AUTH_TOKEN": "twilio-demo-token",
     "SUPABASE_JWT_SECRET": "supabase-demo-jwt-secret-32-bytes-long",
 }
@@ -63,6 +64,7 @@ class Stack:
     shim_url: str = ""
     stripe_url: str = ""
     vapi_url: str = ""
+    twilio_url: str = ""
     env: dict = field(default_factory=dict)
     _stops: list = field(default_factory=list)
     _processes: list = field(default_factory=list)
@@ -91,11 +93,16 @@ class Stack:
         self._stops.append(stop)
         self.vapi_url, stop = serve_in_thread(vapi_api.create_app(SECRETS["VAPI_API_KEY"]))
         self._stops.append(stop)
+        self.twilio_url, stop = serve_in_thread(
+            twilio_api.create_app(SECRETS["TWILIO_ACCOUNT_SID"], SECRETS["TWILIO_AUTH_TOKEN"])
+        )
+        self._stops.append(stop)
         self.env = dict(
             os.environ,
             DATABASE_URL=self.db_url,
             STRIPE_API_BASE=self.stripe_url,
             VAPI_API_BASE=self.vapi_url,
+            TWILIO_API_BASE=self.twilio_url,
             PUBLIC_BASE_URL=self.shim_url,
             **SECRETS,
         )
@@ -117,7 +124,7 @@ class Stack:
                 done = conn.execute(
                     "SELECT count(*) FROM billing.reconciliation_runs WHERE status = 'completed'"
                 ).fetchone()[0]
-                if done >= 2:
+                if done >= 3:  # Stripe, Vapi and Twilio
                     return
                 time.sleep(0.1)
         log = (self.out_dir / "worker.log").read_text()
