@@ -24,6 +24,8 @@ from email.utils import format_datetime
 
 from flask import Flask, request
 
+from shim.fakes.outages import Outages
+
 API_VERSION = "2010-04-01"
 _ERRORS = {
     401: (20003, "Authenticate"),
@@ -97,18 +99,12 @@ def create_app(account_sid, auth_token):
     app = Flask(__name__)
     lock = threading.Lock()
     state = {}
+    outages = Outages(default_status=500)
 
     def reset():
         """Forget messages, failure rules and counters."""
-        state.update(
-            messages={},
-            fail_remaining=0,
-            fail_status=500,
-            requests=0,
-            injected_failures=0,
-            unauthorized=0,
-            fetched=[],
-        )
+        state.update(messages={}, fetched=[])
+        outages.reset()
 
     reset()
 
@@ -123,17 +119,9 @@ def create_app(account_sid, auth_token):
         if request.path.startswith("/_control/"):
             return
         auth = request.authorization
-        with lock:
-            state["requests"] += 1
-            failing = state["fail_remaining"] > 0
-            status = state["fail_status"]
-            if failing:
-                state["fail_remaining"] -= 1
-                state["injected_failures"] += 1
-            bad_auth = auth is None or (auth.username, auth.password) != (account_sid, auth_token)
-            if bad_auth and not failing:
-                state["unauthorized"] += 1
-        if failing:
+        bad_auth = auth is None or (auth.username, auth.password) != (account_sid, auth_token)
+        status = outages.admit(authorized=not bad_auth)
+        if status:
             raise _TwilioError(status, {"Retry-After": "0"} if status == 429 else None)
         if bad_auth:
             raise _TwilioError(401)
@@ -161,18 +149,13 @@ def create_app(account_sid, auth_token):
     @app.post("/_control/fail")
     def control_fail():
         """Make the next `count` API requests answer `status`."""
-        body = request.get_json(silent=True) or {}
-        with lock:
-            state["fail_remaining"] = int(body.get("count", 1))
-            state["fail_status"] = int(body.get("status", 500))
-        return body
+        return outages.arm(request.get_json(silent=True) or {})
 
     @app.get("/_control/stats")
     def control_stats():
         """Request counters and every SID fetched, for assertions."""
         with lock:
-            counters = {k: state[k] for k in ("requests", "injected_failures", "unauthorized")}
-            return {**counters, "fetched": list(state["fetched"])}
+            return {**outages.counters(), "fetched": list(state["fetched"])}
 
     @app.post("/_control/reset")
     def control_reset():

@@ -19,6 +19,8 @@ from datetime import UTC, datetime
 
 from flask import Flask, request
 
+from shim.fakes.outages import Outages
+
 _DATE_FILTERS = {
     f"{field}{op}": (field, op) for field in ("createdAt", "updatedAt") for op in ("Gt", "Lt", "Ge", "Le")
 }
@@ -90,18 +92,12 @@ def create_app(api_key):
     app = Flask(__name__)
     lock = threading.Lock()
     state = {}
+    outages = Outages(default_status=429)
 
     def reset():
         """Forget calls, failure rules and counters."""
-        state.update(
-            calls={},
-            fail_remaining=0,
-            fail_status=429,
-            requests=0,
-            injected_failures=0,
-            unauthorized=0,
-            queries=[],
-        )
+        state.update(calls={}, queries=[])
+        outages.reset()
 
     reset()
 
@@ -116,17 +112,10 @@ def create_app(api_key):
         if request.path.startswith("/_control/"):
             return
         with lock:
-            state["requests"] += 1
             state["queries"].append(request.args.to_dict())
-            failing = state["fail_remaining"] > 0
-            status = state["fail_status"]
-            if failing:
-                state["fail_remaining"] -= 1
-                state["injected_failures"] += 1
-            bad_key = request.headers.get("Authorization") != f"Bearer {api_key}"
-            if bad_key and not failing:
-                state["unauthorized"] += 1
-        if failing:
+        bad_key = request.headers.get("Authorization") != f"Bearer {api_key}"
+        status = outages.admit(authorized=not bad_key)
+        if status:
             headers = {"Retry-After": "0"} if status == 429 else None
             raise _VapiError(
                 status,
@@ -171,18 +160,13 @@ def create_app(api_key):
     @app.post("/_control/fail")
     def control_fail():
         """Make the next `count` API requests answer `status`."""
-        body = request.get_json(silent=True) or {}
-        with lock:
-            state["fail_remaining"] = int(body.get("count", 1))
-            state["fail_status"] = int(body.get("status", 429))
-        return body
+        return outages.arm(request.get_json(silent=True) or {})
 
     @app.get("/_control/stats")
     def control_stats():
         """Request counters and every query string seen, for assertions."""
         with lock:
-            counters = {k: state[k] for k in ("requests", "injected_failures", "unauthorized")}
-            return {**counters, "queries": list(state["queries"])}
+            return {**outages.counters(), "queries": list(state["queries"])}
 
     @app.post("/_control/reset")
     def control_reset():
