@@ -124,10 +124,11 @@ def test_one_call_that_cannot_be_charged_does_not_stop_reconciling_the_others(se
     api.reconcile_vapi_call.
 
     An ended call that cannot be priced (here a startedAt that is no timestamp; before call
-    admission, a metadata org without a wallet) raises inside api.reconcile_vapi_call. Before the fix that aborted the whole run, so every call it
-    had not reached yet was never charged, for as long as that one call stayed inside the
-    lookback window. Now the error is caught in the function, recorded as an `unchargeable`
-    discrepancy, and the run charges the other calls and completes."""
+    admission, a metadata org without a wallet) raises inside api.reconcile_vapi_call. Before
+    the fix that aborted the whole run, so every call it had not reached yet was never charged,
+    for as long as that one call stayed inside the lookback window. Now the error is caught in
+    the function, recorded as an `unchargeable` discrepancy, and the run charges the other calls
+    and completes."""
     org = open_wallet(service, balance_minor=10_000)
     start = NOW - timedelta(hours=3)
     good = [

@@ -13,10 +13,11 @@ import pytest
 from shim.call_control import end_due_calls
 from shim.fakes import payloads
 from shim.fakes.vapi_types import check_assistant_answer
+from shim.reconcile import VapiCalls, reconcile_vapi
 from tests.conftest import SECRETS
 from tests.db_helpers import ledger_count, open_wallet, route_assistant, snapshot, wallet
 from tests.jwt_tokens import bearer, supabase_token
-from tests.senders import post_vapi
+from tests.senders import paid_checkout, post_stripe, post_vapi, stripe_event
 
 VAPI_KEY = "vapi-test-api-key"
 
@@ -413,3 +414,41 @@ def test_a_crash_before_binding_charges_once_and_the_orphan_admission_expires(
     db.execute(expire, ("admission:crashed",))
     service.execute("SELECT api.expire_holds()")
     assert wallet(db, org)["held_minor"] == 0
+
+
+# ---------------------------------------------------------------------------- nothing settled silently
+
+
+def test_a_payment_already_credited_to_another_org_is_stored_as_a_conflict(client, service, db):
+    a = open_wallet(service)
+    b = open_wallet(service)
+    session, pi = paid_checkout(a, 2500)
+    assert (
+        post_stripe(client, stripe_event("checkout.session.completed", session)).json["status"] == "processed"
+    )
+    stolen, _ = paid_checkout(b, 2500)
+    stolen["payment_intent"] = pi  # the same PaymentIntent, claimed for B
+    answer = post_stripe(client, stripe_event("checkout.session.completed", stolen))
+    assert (answer.status_code, answer.json["status"]) == (200, "conflict")
+    (conflict,) = discrepancies(db, "other_org")
+    assert (conflict["provider"], conflict["org_id"]) == ("stripe", b)
+    assert (wallet(db, a)["balance_minor"], wallet(db, b)["balance_minor"]) == (2500, 0)
+
+
+def test_reconciliation_records_a_call_another_org_was_charged_for(pool, service, db, fake_vapi):
+    a = open_wallet(service, balance_minor=10_000)
+    b = open_wallet(service, balance_minor=10_000)
+    now = payloads.datetime.now(payloads.UTC)
+    call = payloads.vapi_call(
+        assistant_id=route_assistant(service, a),
+        started_at=now - payloads.timedelta(minutes=30),
+        ended_at=now - payloads.timedelta(minutes=29),
+        updated_at=now - payloads.timedelta(minutes=28),
+    )
+    service.execute("SELECT api.deduct_call_credits(%s, %s, 60)", (b, call["id"]))
+    fake_vapi.control("calls", [call])
+    run = reconcile_vapi(pool, VapiCalls(fake_vapi.url, VAPI_KEY), payloads.timedelta(hours=2))
+    assert run["status"] == "completed"
+    (conflict,) = discrepancies(db, "other_org")
+    assert (conflict["provider"], conflict["ref"], conflict["org_id"]) == ("vapi", call["id"], a)
+    assert wallet(db, a)["balance_minor"] == 10_000
