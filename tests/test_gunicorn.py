@@ -2,73 +2,23 @@
 
 import concurrent.futures
 import json
-import os
-import subprocess
 import time
 
 import pytest
 import requests
 
-from shim.cli import gunicorn_argv
 from shim.fakes import payloads
-from shim.fakes.serve import free_port
 from tests.conftest import SECRETS
 from tests.db_helpers import ledger_count, open_wallet, wallet
+from tests.gunicorn_server import running_gunicorn
 from tests.senders import paid_checkout, stripe_event
-
-START_TIMEOUT_SECONDS = 60  # a loaded machine imports slowly; the start time is not tested
-
-
-def wait_until_serving(server: subprocess.Popen, url: str) -> bool:
-    """True once /healthz answers 200; False if gunicorn exits first (its port was taken) or
-    does not answer in time."""
-    deadline = time.monotonic() + START_TIMEOUT_SECONDS
-    while time.monotonic() < deadline and server.poll() is None:
-        try:
-            if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
-                return True
-        except requests.RequestException:
-            pass
-        time.sleep(0.1)
-    return False
-
-
-def stop(server: subprocess.Popen) -> None:
-    server.terminate()
-    try:
-        server.wait(30)  # --graceful-timeout 20, plus the master's own shutdown
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait(10)
 
 
 @pytest.fixture
 def gunicorn_url(db_url, tmp_path):
     """gunicorn serving the app on 127.0.0.1, stopped after the test."""
-    log = tmp_path / "gunicorn.log"
-    for attempt in range(3):  # the free port may be taken between the probe and gunicorn's bind
-        metrics_dir = tmp_path / f"metrics-{attempt}"  # no samples of an earlier attempt
-        metrics_dir.mkdir()
-        env = dict(
-            os.environ,
-            DATABASE_URL=db_url,
-            PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
-            **{name.upper(): value for name, value in SECRETS.items()},
-        )
-        port = free_port()
-        argv = gunicorn_argv(port, workers=2, threads=4, host="127.0.0.1")
-        with log.open("ab") as log_file:
-            server = subprocess.Popen(argv, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
-        if wait_until_serving(server, url):
-            break
-        stop(server)
-    else:
-        pytest.fail(f"gunicorn did not start: {log.read_text()}")
-    try:
+    with running_gunicorn(db_url, tmp_path) as url:
         yield url
-    finally:
-        stop(server)
 
 
 def test_concurrent_deliveries_of_one_event_credit_once(gunicorn_url, service, db):

@@ -70,19 +70,19 @@ class Phone:
         with self.lock:
             still_live = call["id"] in self.live
         if still_live and talk_seconds is not None:
-            capped = cap is not None and talk_seconds > cap
-            self.hang_up(
-                call["id"],
-                cap if capped else talk_seconds,
-                "exceeded-max-duration" if capped else "customer-ended-call",
-            )
+            self.hang_up(call["id"], talk_seconds, "customer-ended-call")
         return {"call_id": call["id"], "in_progress_status": in_progress.status_code}
 
     def hang_up(self, call_id: str, seconds: float, ended_reason: str) -> dict | None:
-        """End a live call after `seconds` of talk and send its end-of-call report."""
+        """End a live call after `seconds` of talk (Vapi cuts it at its maxDurationSeconds) and
+        send its end-of-call report."""
         with self.lock:
             entry = self.live.pop(call_id, None)
-        return None if entry is None else self._report(entry["call"], seconds, ended_reason)
+        if entry is None:
+            return None
+        if entry["cap"] is not None and seconds > entry["cap"]:
+            seconds, ended_reason = entry["cap"], "exceeded-max-duration"
+        return self._report(entry["call"], seconds, ended_reason)
 
     def _report(self, call: dict, seconds: float, ended_reason: str) -> dict:
         """The ended call's end-of-call report, sent to the server."""
