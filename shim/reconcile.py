@@ -125,7 +125,7 @@ def payment_intent_of(event) -> str | None:
 def reconcile_object(conn, run_id: int, provider: str, obj, ref: str | None = None) -> dict:
     """Feed one provider object (decoded JSON) to api.reconcile_object as JSON text: applied, or
     recorded as unreadable under `ref` (default: its id, else a digest) while the run goes on.
-    The text keeps what PostgreSQL refuses (\u0000, lone surrogates, NaN) for SQL to judge."""
+    The text keeps what PostgreSQL refuses (a NUL, a lone surrogate, NaN) for SQL to judge."""
     text = json.dumps(obj)
     ref = ref or key(field(obj, "id")) or digest_id(provider, text)
     return conn.execute(

@@ -6,9 +6,11 @@ A signed body this system cannot interpret (PostgreSQL refuses its JSON, or its 
 event) is stored as received, failed then dead and alerted, and answered 200 once committed:
 no retry can change it, and 2xx is what stops each provider's retries.
 - Stripe retries any non-2xx answer with exponential backoff for up to three days in live mode
-  (https://docs.stripe.com/webhooks#retries; Stripe's "Troubleshooting webhook delivery issues").
-- Vapi retries a server message by its server's backoffPlan, "for any non-2xx status code" not in
-  excludedStatusCodes (Vapi API reference, BackoffPlan; maxRetries defaults to 0).
+  (https://docs.stripe.com/webhooks, "Retry behavior"; https://support.stripe.com/questions/
+  troubleshooting-webhook-delivery-issues: "we will retry delivery several times").
+- Vapi retries a server message by its server's backoffPlan: "By default, the request will be
+  retried for any non-2xx status code" not in excludedStatusCodes (Vapi API reference, schema
+  BackoffPlan; maxRetries defaults to 0; https://docs.vapi.ai/server-url/events).
 - Twilio retries a callback per its connection overrides (`#rc=`, `#rp=` with 4xx/5xx) and logs
   every 4xx/5xx answer as error 11200/11217 in the Debugger
   (https://www.twilio.com/docs/usage/webhooks/webhooks-connection-overrides,
