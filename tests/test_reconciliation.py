@@ -396,3 +396,32 @@ def test_a_session_with_a_currency_conversion_is_credited_from_its_raw_json(
     assert wallet(db, org)["balance_minor"] == 2500
     entry = db.execute("SELECT provider_ref FROM billing.ledger_entries WHERE org_id = %s", (org,)).fetchone()
     assert entry["provider_ref"] == f"stripe:payment_intent:{pi}"
+
+
+def test_waiting_on_a_lock_is_not_an_unreadable_object_the_run_fails_to_resume(service, db, db_url):
+    """Only the object's own faults are recorded: a lock timeout (another session holds the
+    event's advisory lock) fails the statement, so the run fails and resumes from its cursor."""
+    import json
+
+    import psycopg
+
+    from tests.senders import paid_checkout, stripe_event
+
+    org = open_wallet(service)
+    session, _ = paid_checkout(org, 2500)
+    event = stripe_event("checkout.session.completed", session)
+    run = service.execute(
+        "SELECT api.start_reconciliation_run('stripe', now() - interval '1 day', now()) AS r"
+    ).fetchone()["r"]["run_id"]
+    with psycopg.connect(db_url) as other:
+        other.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+            (f"creditledger.event:stripe:{event['id']}",),
+        )
+        service.execute("SET lock_timeout = '200ms'")
+        with pytest.raises(psycopg.errors.LockNotAvailable):
+            service.execute(
+                "SELECT api.reconcile_object(%s, 'stripe', %s, %s)", (run, event["id"], json.dumps(event))
+            )
+    assert db.execute("SELECT count(*) AS n FROM billing.discrepancies").fetchone()["n"] == 0
+    assert ledger_count(db, org) == 0
