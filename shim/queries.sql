@@ -1,10 +1,16 @@
 -- Every statement the shim sends, each under a `-- name: <name>` line (procrastinate keeps its
 -- queries the same way). Each is one call into the api schema.
 
--- name: ingest_webhook
--- Store a verified provider event and apply it, in one transaction. The payload is JSON text
--- and the outcome comes back as JSON text: the shim relays both without re-encoding them.
-SELECT api.ingest_webhook(%(provider)s::text, %(event_id)s::text, %(event_type)s::text, %(payload)s::jsonb)::text AS outcome
+-- name: ingest_webhook_text
+-- Store a verified provider event and apply it, in one transaction. The body goes as received
+-- (JSON text; for Twilio its fields as JSON plus the raw form) and the outcome comes back as JSON
+-- text: the shim relays both without re-encoding them. A body PostgreSQL cannot hold as jsonb
+-- is stored as text, failed, instead of refused.
+SELECT api.ingest_webhook_text(%(provider)s::text, %(event_id)s::text, %(event_type)s::text, %(body)s::text, %(raw_body)s::text)::text AS outcome
+
+-- name: reconcile_object
+-- One provider object of a reconciliation run, as JSON text: applied, or recorded as unreadable.
+SELECT api.reconcile_object(%(run_id)s::bigint, %(provider)s::text, %(ref)s::text, %(object)s::text) AS result
 
 -- name: become_user
 -- Act as the signed-in user for the rest of the transaction, the way PostgREST does.
@@ -65,10 +71,6 @@ SELECT api.health_report() AS report
 -- name: twilio_reconciliation_candidates
 -- The SMS a Twilio reconciliation run asks Twilio about: callback overdue or never came.
 SELECT message_sid FROM api.twilio_reconciliation_candidates(%(run_id)s::bigint) AS message_sid
-
--- name: reconcile_twilio_message
--- Apply the status Twilio reports for one SMS through the status callback's path.
-SELECT api.reconcile_twilio_message(%(run_id)s::bigint, %(message_sid)s::text, %(message)s::jsonb) AS result
 
 -- name: lease_call_ends
 -- Calls to end now through their control URL, each leased to this sender.

@@ -4,17 +4,18 @@ once and an object already applied is a duplicate. Runs and discrepancies are ro
 database (billing.reconciliation_runs, billing.discrepancies); an interrupted run resumes from
 its cursor. Safe beside live webhooks and beside another reconciliation: every write is keyed."""
 
+import json
 import logging
 import re
 from datetime import UTC, datetime, timedelta
 
 import requests
 import stripe
-from psycopg.types.json import Jsonb
 from twilio.base.exceptions import TwilioRestException
 from twilio.http.http_client import TwilioHttpClient
 from twilio.rest import Client as TwilioClient
 
+from shim.bodies import digest_id, field, key
 from shim.queries import QUERIES
 from shim.retry import RetryableError, with_backoff
 
@@ -93,7 +94,10 @@ def _stripe_page(client: stripe.StripeClient, params: dict):
 
 
 def stripe_events(client: stripe.StripeClient, window_start: datetime, window_end: datetime):
-    """Every handled event created in the window, newest first, one page at a time."""
+    """Every handled event created in the window, newest first, one page at a time, as plain JSON
+    read from the response body stripe-python kept (`last_response.body`). Its StripeObjects are
+    not fed to SQL: they decode `decimal_string` fields such as
+    checkout.session.currency_conversion.fx_rate into Decimal, which no JSON encoder writes."""
     params = {
         "types": STRIPE_EVENT_TYPES,
         "limit": STRIPE_PAGE_SIZE,
@@ -101,20 +105,32 @@ def stripe_events(client: stripe.StripeClient, window_start: datetime, window_en
     }
     while True:
         page = _stripe_page(client, params)
-        yield from page.data
+        yield from json.loads(page.last_response.body)["data"]
         if not page.has_more or not page.data:
             return
         params = params | {"starting_after": page.data[-1].id}
 
 
-def payment_intent_of(event: dict) -> str | None:
-    """The PaymentIntent a payment event credits (phantom detection compares these)."""
-    obj = event["data"]["object"]
-    if event["type"].startswith("checkout.session."):
-        return obj.get("payment_intent") or obj.get("id")
-    if event["type"] == "payment_intent.succeeded":
-        return obj.get("id")
+def payment_intent_of(event) -> str | None:
+    """The PaymentIntent a payment event credits (phantom detection compares these); None for
+    anything else, whatever its shape."""
+    obj, event_type = field(field(event, "data"), "object"), key(field(event, "type")) or ""
+    if event_type.startswith("checkout.session."):
+        return key(field(obj, "payment_intent")) or key(field(obj, "id"))
+    if event_type == "payment_intent.succeeded":
+        return key(field(obj, "id"))
     return None
+
+
+def reconcile_object(conn, run_id: int, provider: str, obj, ref: str | None = None) -> dict:
+    """Feed one provider object (decoded JSON) to api.reconcile_object as JSON text: applied, or
+    recorded as unreadable under `ref` (default: its id, else a digest) while the run goes on.
+    The text keeps what PostgreSQL refuses (a NUL, a lone surrogate, NaN) for SQL to judge."""
+    text = json.dumps(obj)
+    ref = ref or key(field(obj, "id")) or digest_id(provider, text)
+    return conn.execute(
+        QUERIES["reconcile_object"], {"run_id": run_id, "provider": provider, "ref": ref, "object": text}
+    ).fetchone()["result"]
 
 
 def reconcile_stripe(
@@ -130,11 +146,8 @@ def reconcile_stripe(
         known = set()
         with pool.connection() as conn:
             for event in stripe_events(client, window_start, end):
-                payload = event.to_dict()
-                conn.execute(
-                    "SELECT api.reconcile_stripe_event(%s::bigint, %s::jsonb)", (run_id, Jsonb(payload))
-                )
-                if intent := payment_intent_of(payload):
+                reconcile_object(conn, run_id, "stripe", event)
+                if intent := payment_intent_of(event):
                     known.add(intent)
             if not resume_cursor:  # a resumed run saw only part of the window: no phantom verdicts
                 conn.execute(
@@ -204,10 +217,11 @@ def reconcile_vapi(
         seen = set()
         with pool.connection() as conn:
             for call in calls.in_window(window_start, window_end, limit):
-                if call["id"] in seen:  # split windows overlap by a millisecond
+                ref = key(field(call, "id")) or digest_id("call", json.dumps(call))
+                if ref in seen:  # split windows overlap by a millisecond
                     continue
-                seen.add(call["id"])
-                conn.execute("SELECT api.reconcile_vapi_call(%s::bigint, %s::jsonb)", (run_id, Jsonb(call)))
+                seen.add(ref)
+                reconcile_object(conn, run_id, "vapi", call, ref)
 
     return run_window(pool, "vapi", window_start, window_end, body)
 
@@ -278,9 +292,6 @@ def reconcile_twilio(pool, messages: TwilioMessages, since: timedelta, now: date
         with pool.connection() as conn:
             candidates = conn.execute(QUERIES["twilio_reconciliation_candidates"], {"run_id": run_id})
             for sid in [row["message_sid"] for row in candidates.fetchall()]:
-                conn.execute(
-                    QUERIES["reconcile_twilio_message"],
-                    {"run_id": run_id, "message_sid": sid, "message": Jsonb(messages.fetch(sid))},
-                )
+                reconcile_object(conn, run_id, "twilio", messages.fetch(sid), sid)
 
     return run_window(pool, "twilio", window_start, window_end, body)

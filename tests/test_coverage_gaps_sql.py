@@ -258,6 +258,15 @@ REFUSALS = [
         "event",
     ),
     ("reconcile-event-null", "SELECT api.reconcile_stripe_event(%(run)s, NULL)", "event"),
+    (
+        "reconcile-object-unknown-provider",
+        "SELECT api.reconcile_object(%(run)s, 'paypal', 'x', '{}')",
+        "provider",
+    ),
+    ("reconcile-object-empty-ref", "SELECT api.reconcile_object(%(run)s, 'vapi', '', '{}')", "ref"),
+    ("reconcile-object-null", "SELECT api.reconcile_object(%(run)s, 'vapi', 'call-1', NULL)", "object"),
+    ("ingest-text-null-body", "SELECT api.ingest_webhook_text('stripe', 'evt_1', 'x', NULL)", "body"),
+    ("ingest-text-empty-event-id", "SELECT api.ingest_webhook_text('vapi', '', 'x', '{}')", "event_id"),
     ("reconcile-call-without-id", 'SELECT api.reconcile_vapi_call(%(run)s, \'{"status": "ended"}\')', "call"),
     ("resolve-too-short", "SELECT api.resolve_discrepancy(%(discrepancy)s, 'ok')", "resolution"),
     (

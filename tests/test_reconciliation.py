@@ -304,3 +304,118 @@ def test_a_run_killed_without_finishing_is_failed_by_the_next_start_and_resumes(
         "SELECT status, error FROM billing.reconciliation_runs WHERE id = %s", (killed,)
     ).fetchone()
     assert (row["status"], row["error"]) == ("running", None)
+
+
+# ---------------------------------------------------------------------------- poison objects
+
+POISONS = {
+    "nul": "Ana\x00Lopez",  # PostgreSQL: 22P05, unsupported Unicode escape sequence
+    "lone_surrogate": "Ana \ud800",  # 22P02 (providers' APIs never send NaN: JSON has none)
+}
+
+
+def unreadable(db, provider):
+    return db.execute(
+        "SELECT * FROM billing.discrepancies WHERE provider = %s AND kind = 'unreadable'", (provider,)
+    ).fetchall()
+
+
+@pytest.mark.parametrize("poison", POISONS, ids=list(POISONS))
+def test_a_poison_call_mid_page_is_recorded_and_the_calls_behind_it_are_charged(
+    service, db, pool, fake_vapi, vapi_calls, poison
+):
+    org = open_wallet(service, balance_minor=10_000)
+    calls = ended_calls(org, 3)
+    calls[1]["customer"]["name"] = POISONS[poison]  # a caller's name, as Vapi records it
+    fake_vapi.control("calls", calls)
+
+    for attempt in range(2):  # the same poison again next run: counted again, still not blocking
+        run = reconcile_vapi(pool, vapi_calls, timedelta(days=1))
+        assert run["status"] == "completed" and run["seen"] == 3 and run["unreadable"] == 1
+        assert run["recovered"] == (2 if attempt == 0 else 0)
+        (found,) = unreadable(db, "vapi")
+        assert found["ref"] == calls[1]["id"] and found["status"] == "open"
+        assert found["evidence"]["error"].startswith("22P0")
+        assert calls[1]["id"] in found["evidence"]["object"]
+    charged = {e["provider_ref"] for e in db.execute("SELECT provider_ref FROM billing.ledger_entries")}
+    assert {f"vapi:call:{c['id']}" for c in calls} - charged == {f"vapi:call:{calls[1]['id']}"}
+    assert wallet(db, org)["balance_minor"] == 10_000 - 2 * 70
+
+
+@pytest.mark.parametrize("poison", POISONS, ids=list(POISONS))
+def test_a_poison_event_mid_page_is_recorded_and_the_payments_behind_it_are_credited(
+    service, db, pool, fake_stripe, shim_config, poison
+):
+    from tests.senders import paid_checkout
+
+    org = open_wallet(service)
+    created = int(datetime.now(UTC).timestamp())
+    events = []
+    for i in range(3):  # listed newest first: the poison is the second event of the page
+        session, _ = paid_checkout(org, 1000 + i)
+        if i == 1:
+            session["customer_details"]["name"] = POISONS[poison]
+        event = {
+            "type": "checkout.session.completed",
+            "data": {"object": session},
+            "created": created - 300 + i,
+        }
+        events.append(fake_stripe.control("insert_event", event))
+
+    for attempt in range(2):
+        run = reconcile_stripe(pool, make_client(shim_config), timedelta(days=1))
+        assert run["status"] == "completed" and run["seen"] == 3 and run["unreadable"] == 1
+        assert run["recovered"] == (2 if attempt == 0 else 0)
+        (found,) = unreadable(db, "stripe")
+        assert found["ref"] == events[1]["id"] and found["evidence"]["error"].startswith("22P0")
+    assert wallet(db, org)["balance_minor"] == 1000 + 1002
+    assert db.execute("SELECT count(*) AS n FROM billing.discrepancies").fetchone()["n"] == 1  # no phantom
+
+
+def test_a_session_with_a_currency_conversion_is_credited_from_its_raw_json(
+    service, db, pool, fake_stripe, shim_config
+):
+    """stripe-python decodes currency_conversion.fx_rate as Decimal, which to_dict() keeps and no
+    JSON encoder writes: the run now reads the response body itself."""
+    from tests.senders import paid_checkout
+
+    org = open_wallet(service)
+    session, pi = paid_checkout(org, 2500)
+    session["currency_conversion"] = payloads.stripe_currency_conversion(
+        amount_total=2707, source_currency="eur"
+    )
+    fake_stripe.control("insert_event", {"type": "checkout.session.completed", "data": {"object": session}})
+    run = reconcile_stripe(pool, make_client(shim_config), timedelta(days=1))
+    assert run["status"] == "completed" and (run["recovered"], run["unreadable"]) == (1, 0)
+    assert wallet(db, org)["balance_minor"] == 2500
+    entry = db.execute("SELECT provider_ref FROM billing.ledger_entries WHERE org_id = %s", (org,)).fetchone()
+    assert entry["provider_ref"] == f"stripe:payment_intent:{pi}"
+
+
+def test_waiting_on_a_lock_is_not_an_unreadable_object_the_run_fails_to_resume(service, db, db_url):
+    """Only the object's own faults are recorded: a lock timeout (another session holds the
+    event's advisory lock) fails the statement, so the run fails and resumes from its cursor."""
+    import json
+
+    import psycopg
+
+    from tests.senders import paid_checkout, stripe_event
+
+    org = open_wallet(service)
+    session, _ = paid_checkout(org, 2500)
+    event = stripe_event("checkout.session.completed", session)
+    run = service.execute(
+        "SELECT api.start_reconciliation_run('stripe', now() - interval '1 day', now()) AS r"
+    ).fetchone()["r"]["run_id"]
+    with psycopg.connect(db_url) as other:
+        other.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+            (f"creditledger.event:stripe:{event['id']}",),
+        )
+        service.execute("SET lock_timeout = '200ms'")
+        with pytest.raises(psycopg.errors.LockNotAvailable):
+            service.execute(
+                "SELECT api.reconcile_object(%s, 'stripe', %s, %s)", (run, event["id"], json.dumps(event))
+            )
+    assert db.execute("SELECT count(*) AS n FROM billing.discrepancies").fetchone()["n"] == 0
+    assert ledger_count(db, org) == 0

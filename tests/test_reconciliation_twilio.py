@@ -358,3 +358,27 @@ def test_fake_speaks_twilios_documented_message_shape(fake_twilio):
     }
     wrong = requests.get(url.format(sid), auth=(TWILIO_ACCOUNT_SID, "wrong"), timeout=10)
     assert (wrong.status_code, wrong.json()["code"]) == (401, 20003)
+
+
+def test_a_poison_message_mid_run_is_recorded_and_the_messages_behind_it_are_settled(
+    service, db, pool, fake_twilio, messages, org
+):
+    """A NUL in a Message field (PostgreSQL refuses \\u0000) is one unreadable discrepancy; the
+    run goes on and settles the SMS after it."""
+    sids = [send_sms(service, db, org, age=timedelta(hours=27 - i)) for i in range(3)]  # oldest first
+    fake_twilio.control(
+        "messages",
+        [{"sid": sid, "status": "delivered"} for sid in sids[::2]]
+        + [{"sid": sids[1], "status": "delivered", "to": "+1555\x000100400"}],
+    )
+    run = reconcile_twilio(pool, messages, SINCE)
+    assert (run["status"], run["seen"], run["recovered"], run["unreadable"]) == ("completed", 3, 2, 1)
+    assert fake_twilio.stats()["fetched"] == sids
+    assert [c["provider_ref"] for c in sms_charges(db)] == [
+        f"twilio:message:{sids[0]}",
+        f"twilio:message:{sids[2]}",
+    ]
+    found = db.execute("SELECT * FROM billing.discrepancies WHERE kind = 'unreadable'").fetchone()
+    assert (found["provider"], found["ref"]) == ("twilio", sids[1])
+    assert found["evidence"]["error"].startswith("22P05")
+    assert discrepancy(db, sids[1])["status"] == "open"  # still unsettled: an operator decides

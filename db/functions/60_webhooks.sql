@@ -448,7 +448,13 @@ DECLARE
   v_call jsonb := m -> 'call';
 BEGIN
   IF p_type = 'assistant-request' THEN
+    -- Answered whatever its shape: a call Vapi is waiting on gets an answer, not a failure.
     RETURN billing._answer_assistant_request(m);
+  END IF;
+  IF pg_catalog.jsonb_typeof(v_call) <> 'object' THEN
+    -- A call that is a string (or any non-object) is a shape no handler reads: failed, then dead
+    -- and alerted, never ignored (an end-of-call report ignored is a call never charged).
+    PERFORM billing._invalid('message.call', 'must be a JSON object');
   END IF;
   IF v_call ->> 'id' IS NULL THEN
     RETURN billing._outcome('ignored', NULL, NULL, 'no_call');
@@ -492,6 +498,19 @@ BEGIN
 END
 $$;
 
+-- What a failed try leaves behind: status failed for the worker, or dead once the event has had the
+-- operator's maximum of attempts, with the error (SQLSTATE first).
+CREATE OR REPLACE FUNCTION billing._failure(p_error text, p_attempts integer)
+  RETURNS jsonb
+  LANGUAGE plpgsql STABLE SECURITY INVOKER SET search_path = ''
+AS $$
+BEGIN
+  RETURN pg_catalog.jsonb_build_object(
+    'status', CASE WHEN p_attempts >= (billing._settings()).webhook_max_attempts THEN 'dead' ELSE 'failed' END,
+    'error', p_error);
+END
+$$;
+
 -- Apply one event (its `attempts`-th try) and say what it did. A failure rolls back everything
 -- the interpretation did (the EXCEPTION block is a savepoint) and is answered as status failed,
 -- or dead after the operator's maximum of attempts, with the error.
@@ -510,9 +529,7 @@ BEGIN
   END;
 EXCEPTION WHEN OTHERS THEN
   GET STACKED DIAGNOSTICS v_error = MESSAGE_TEXT;
-  RETURN pg_catalog.jsonb_build_object(
-    'status', CASE WHEN p_attempts >= (billing._settings()).webhook_max_attempts THEN 'dead' ELSE 'failed' END,
-    'error', SQLSTATE || ': ' || v_error);
+  RETURN billing._failure(SQLSTATE || ': ' || v_error, p_attempts);
 END
 $$;
 
@@ -539,7 +556,13 @@ DECLARE
   v_outcome jsonb;
 BEGIN
   SELECT * INTO ev FROM billing.webhook_events WHERE id = p_event_row_id;
-  v_outcome := billing._interpret_event(ev.provider, ev.event_type, ev.payload, ev.attempts);
+  IF ev.payload IS NULL THEN
+    -- Stored as received because it could not be read (see api.ingest_webhook_text): it fails
+    -- the same way each time, until it is dead and alerted, or an operator sets a payload.
+    v_outcome := billing._failure(coalesce(ev.result ->> 'error', 'unreadable body'), ev.attempts);
+  ELSE
+    v_outcome := billing._interpret_event(ev.provider, ev.event_type, ev.payload, ev.attempts);
+  END IF;
   UPDATE billing.webhook_events
      SET status = v_outcome ->> 'status',
          org_id = billing._uuid_or_null(v_outcome ->> 'org_id'),
@@ -554,30 +577,31 @@ $$;
 
 -- Store a provider's event in the inbox and apply it in the same transaction. A redelivery
 -- (same provider and event id) changes nothing and answers 'duplicate' with the first outcome.
-CREATE OR REPLACE FUNCTION api.ingest_webhook(provider text, event_id text, event_type text, payload jsonb)
+-- `p_unreadable` says why the body cannot be interpreted: then it is stored as `p_raw_body`
+-- (payload null) with that error, status failed (and dead after the maximum of attempts).
+CREATE OR REPLACE FUNCTION billing._ingest_event(
+  p_provider text, p_event_id text, p_event_type text, p_payload jsonb,
+  p_raw_body text DEFAULT NULL, p_unreadable text DEFAULT NULL)
   RETURNS jsonb
-  LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = ''
+  LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = ''
 AS $$
 DECLARE
   v_row_id bigint;
   v_outcome jsonb;
   ev billing.webhook_events;
 BEGIN
-  IF provider IS NULL OR provider NOT IN ('stripe', 'vapi', 'twilio') THEN
+  IF p_provider IS NULL OR p_provider NOT IN ('stripe', 'vapi', 'twilio') THEN
     PERFORM billing._invalid('provider', 'must be stripe, vapi or twilio');
   END IF;
-  PERFORM billing._check_key('event_id', event_id);
-  PERFORM billing._check_key('event_type', event_type);
-  IF payload IS NULL OR pg_catalog.jsonb_typeof(payload) <> 'object' THEN
-    PERFORM billing._invalid('payload', 'must be a JSON object');
-  END IF;
+  PERFORM billing._check_key('event_id', p_event_id);
+  PERFORM billing._check_key('event_type', p_event_type);
 
   -- Concurrent deliveries of one event queue here, so the first is applied and committed
   -- before the next looks for it (a transaction lock: released at commit, pooler-safe).
   PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended(
-    'creditledger.event:' || ingest_webhook.provider || ':' || ingest_webhook.event_id, 0));
+    'creditledger.event:' || p_provider || ':' || p_event_id, 0));
   SELECT * INTO ev FROM billing.webhook_events AS we
-   WHERE we.provider = ingest_webhook.provider AND we.event_id = ingest_webhook.event_id;
+   WHERE we.provider = p_provider AND we.event_id = p_event_id;
   IF FOUND THEN
     -- An assistant-request asked again gets the answer it got the first time.
     RETURN pg_catalog.jsonb_strip_nulls(pg_catalog.jsonb_build_object(
@@ -589,19 +613,74 @@ BEGIN
   -- Applied first, then stored once with what it did, in this same transaction: either both
   -- commit or neither. (Storing it first and updating it after cost a second, non-HOT version
   -- of a row of several KB and of all its index entries: measured in README, Benchmark.)
-  v_outcome := billing._interpret_event(ingest_webhook.provider, ingest_webhook.event_type,
-                                        ingest_webhook.payload, 1);
+  IF p_unreadable IS NOT NULL THEN
+    v_outcome := billing._failure(p_unreadable, 1) || '{"note": "unreadable"}'::jsonb;
+  ELSE
+    v_outcome := billing._interpret_event(p_provider, p_event_type, p_payload, 1);
+  END IF;
   INSERT INTO billing.webhook_events AS we (
-    provider, event_id, event_type, payload, status, org_id, result, last_error, next_attempt_at,
-    processed_at)
-  VALUES (ingest_webhook.provider, ingest_webhook.event_id, ingest_webhook.event_type,
-          ingest_webhook.payload, v_outcome ->> 'status', billing._uuid_or_null(v_outcome ->> 'org_id'),
+    provider, event_id, event_type, payload, raw_body, status, org_id, result, last_error,
+    next_attempt_at, processed_at)
+  VALUES (p_provider, p_event_id, p_event_type,
+          CASE WHEN p_unreadable IS NULL THEN p_payload END,
+          CASE WHEN p_unreadable IS NOT NULL THEN p_raw_body END,
+          v_outcome ->> 'status', billing._uuid_or_null(v_outcome ->> 'org_id'),
           v_outcome, v_outcome ->> 'error', billing._next_attempt_at(v_outcome ->> 'status', 1), now())
   RETURNING we.id INTO v_row_id;
   RETURN v_outcome || pg_catalog.jsonb_build_object('event_row_id', v_row_id);
 END
 $$;
+
+-- Store a provider's event (a JSON object) in the inbox and apply it in the same transaction.
+CREATE OR REPLACE FUNCTION api.ingest_webhook(provider text, event_id text, event_type text, payload jsonb)
+  RETURNS jsonb
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = ''
+AS $$
+BEGIN
+  IF payload IS NULL OR pg_catalog.jsonb_typeof(payload) <> 'object' THEN
+    PERFORM billing._invalid('payload', 'must be a JSON object');
+  END IF;
+  RETURN billing._ingest_event(provider, event_id, event_type, payload);
+END
+$$;
 GRANT EXECUTE ON FUNCTION api.ingest_webhook(text, text, text, jsonb) TO service_role;
+
+-- The same for a signature-verified body as the shim received it: `body` is its JSON text (for
+-- Twilio, its form fields as a JSON object) and `raw_body` the request body when it is not
+-- `body` itself (Twilio's form). A body PostgreSQL cannot hold as jsonb (a \u0000 escape, a lone
+-- surrogate, NaN, nesting past the stack), that is no JSON object, or that names no event type
+-- (`event_type` null) is stored as received with its error, status failed then dead, instead of
+-- failing the request: the provider is answered 2xx once it is committed, and stops retrying a
+-- body no retry could change (see shim/webhooks.py for each provider's retry rules).
+CREATE OR REPLACE FUNCTION api.ingest_webhook_text(
+  provider text, event_id text, event_type text, body text, raw_body text DEFAULT NULL)
+  RETURNS jsonb
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = ''
+AS $$
+DECLARE
+  v_payload jsonb;
+  v_unreadable text;
+BEGIN
+  IF body IS NULL THEN
+    PERFORM billing._invalid('body', 'must not be null');
+  END IF;
+  BEGIN
+    v_payload := body::jsonb;
+  EXCEPTION WHEN data_exception OR program_limit_exceeded THEN
+    -- 22P05 (\u0000), 22P02 (lone surrogate, NaN, Infinity, not JSON), 54001 (nesting).
+    v_unreadable := SQLSTATE || ': ' || SQLERRM;
+  END;
+  IF v_unreadable IS NULL AND pg_catalog.jsonb_typeof(v_payload) <> 'object' THEN
+    v_unreadable := 'payload: must be a JSON object, not ' || pg_catalog.jsonb_typeof(v_payload);
+  ELSIF v_unreadable IS NULL AND ingest_webhook_text.event_type IS NULL THEN
+    v_unreadable := 'event_type: the body names no event type that is a string';
+  END IF;
+  RETURN billing._ingest_event(ingest_webhook_text.provider, ingest_webhook_text.event_id,
+                               coalesce(ingest_webhook_text.event_type, 'unknown'), v_payload,
+                               coalesce(ingest_webhook_text.raw_body, body), v_unreadable);
+END
+$$;
+GRANT EXECUTE ON FUNCTION api.ingest_webhook_text(text, text, text, text, text) TO service_role;
 
 -- The worker's pass over failed events that are due: each re-applied, with one more attempt.
 CREATE OR REPLACE FUNCTION api.retry_webhook_events(max_events integer DEFAULT 100)

@@ -57,6 +57,7 @@ AS $$
      SET seen = seen + 1,
          already_applied = already_applied + (p_outcome = 'already_applied')::integer,
          recovered = recovered + (p_outcome = 'recovered')::integer,
+         unreadable = unreadable + (p_outcome = 'unreadable')::integer,
          resume_cursor = coalesce(p_cursor, resume_cursor), progressed_at = now()
    WHERE id = p_run_id
 $$;
@@ -70,6 +71,24 @@ AS $$
   INSERT INTO billing.discrepancies (run_id, provider, kind, ref, org_id, evidence)
   VALUES (p_run_id, p_provider, p_kind, p_ref, p_org_id, p_evidence)
   ON CONFLICT ON CONSTRAINT discrepancies_provider_kind_ref_key DO NOTHING
+$$;
+
+-- One provider object a run could not read or apply (PostgreSQL refuses its JSON, or applying it
+-- raised): a discrepancy naming the object and the error, counted in the run, which goes on to
+-- the next object. Seen again by a later run, it is counted again under the same discrepancy.
+CREATE OR REPLACE FUNCTION billing._record_unreadable(
+  p_run_id bigint, p_provider text, p_ref text, p_error text, p_object text)
+  RETURNS jsonb
+  LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = ''
+AS $$
+BEGIN
+  PERFORM billing._record_discrepancy(
+    p_run_id, p_provider, 'unreadable', p_ref, NULL,
+    -- The object's text is kept for the operator (cut at 8 KB: a poison object may be huge).
+    pg_catalog.jsonb_build_object('error', p_error, 'object', pg_catalog.left(p_object, 8192)));
+  PERFORM billing._count_in_run(p_run_id, 'unreadable', NULL);
+  RETURN pg_catalog.jsonb_build_object('outcome', 'unreadable', 'error', p_error);
+END
 $$;
 
 -- How an inbox answer reads in a reconciliation: applied now (recovered), applied before by
@@ -120,6 +139,7 @@ BEGIN
 END
 $$;
 GRANT EXECUTE ON FUNCTION api.reconcile_stripe_event(bigint, jsonb) TO service_role;
+
 
 -- Ledger credits from Stripe in the window whose PaymentIntent Stripe did not list: phantoms.
 CREATE OR REPLACE FUNCTION api.record_stripe_phantoms(run_id bigint, known_payment_intents text[])
@@ -193,6 +213,7 @@ BEGIN
 END
 $$;
 GRANT EXECUTE ON FUNCTION api.reconcile_vapi_call(bigint, jsonb) TO service_role;
+
 
 -- The SMS a Twilio run asks Twilio about, oldest first: registered in the run's window and either
 -- still held past the grace (its callback is late) or expired with an open unsettled_sms
@@ -297,6 +318,47 @@ BEGIN
 END
 $$;
 GRANT EXECUTE ON FUNCTION api.reconcile_twilio_message(bigint, text, jsonb) TO service_role;
+
+-- One provider object as the shim read it, through the provider's function above: a Stripe event
+-- (api.reconcile_stripe_event), a Vapi call (api.reconcile_vapi_call) or a Twilio Message
+-- (api.reconcile_twilio_message, `ref` its sid). `object` is its JSON text and `ref` its id as
+-- the shim read it (a digest of the text when it has none). An object that cannot be read
+-- (PostgreSQL refuses \u0000, lone surrogates, NaN) or applied is rolled back, recorded by
+-- billing._record_unreadable, and the run goes on: one poison object never blocks the rest.
+CREATE OR REPLACE FUNCTION api.reconcile_object(run_id bigint, provider text, ref text, object text)
+  RETURNS jsonb
+  LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = ''
+AS $$
+DECLARE
+  v_error text;
+BEGIN
+  IF provider IS NULL OR provider NOT IN ('stripe', 'vapi', 'twilio') THEN
+    PERFORM billing._invalid('provider', 'must be stripe, vapi or twilio');
+  END IF;
+  PERFORM billing._check_key('ref', ref);
+  IF object IS NULL THEN
+    PERFORM billing._invalid('object', 'must not be null');
+  END IF;
+  BEGIN
+    RETURN CASE reconcile_object.provider
+      WHEN 'stripe' THEN api.reconcile_stripe_event(reconcile_object.run_id, reconcile_object.object::jsonb)
+      WHEN 'vapi' THEN api.reconcile_vapi_call(reconcile_object.run_id, reconcile_object.object::jsonb)
+      ELSE api.reconcile_twilio_message(reconcile_object.run_id, reconcile_object.ref,
+                                        reconcile_object.object::jsonb)
+    END;
+  EXCEPTION
+    -- Contention is not the object's fault: the run fails and resumes from its cursor.
+    WHEN serialization_failure OR deadlock_detected OR lock_not_available THEN
+      RAISE;
+    WHEN OTHERS THEN
+      GET STACKED DIAGNOSTICS v_error = MESSAGE_TEXT;
+      RETURN billing._record_unreadable(reconcile_object.run_id, reconcile_object.provider,
+                                        reconcile_object.ref, SQLSTATE || ': ' || v_error,
+                                        reconcile_object.object);
+  END;
+END
+$$;
+GRANT EXECUTE ON FUNCTION api.reconcile_object(bigint, text, text, text) TO service_role;
 
 -- Close a run with its final status and the number of discrepancies it found.
 CREATE OR REPLACE FUNCTION api.finish_reconciliation_run(run_id bigint, status text, error text DEFAULT NULL)

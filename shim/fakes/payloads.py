@@ -134,11 +134,14 @@ def stripe_checkout_session(
     customer_email=None,
     success_url="https://app.example.test/billing/success",
     cancel_url="https://app.example.test/billing/cancel",
+    currency_conversion=None,
 ):
     """A `checkout.session` in payment mode (docs.stripe.com/api/checkout/sessions/object).
 
     `client_reference_id` defaults to org_id and `metadata` to {"org_id": org_id}. An open
     session carries a `url` and no customer details; a complete one the reverse, like Stripe.
+    `currency_conversion` is set by Adaptive Pricing when the customer paid in their own currency
+    (see stripe_currency_conversion).
     """
     created = created or _now()
     is_complete = status == "complete"
@@ -169,7 +172,7 @@ def stripe_checkout_session(
         "consent_collection": None,
         "created": created,
         "currency": currency,
-        "currency_conversion": None,
+        "currency_conversion": currency_conversion,
         "custom_fields": [],
         "custom_text": {
             "after_submit": None,
@@ -221,6 +224,19 @@ def stripe_checkout_session(
         "total_details": {"amount_discount": 0, "amount_shipping": 0, "amount_tax": 0},
         "ui_mode": "hosted",
         "url": f"https://checkout.stripe.test/c/pay/{session_id}" if status == "open" else None,
+    }
+
+
+def stripe_currency_conversion(*, amount_total, source_currency="usd", fx_rate="0.9235"):
+    """A Checkout Session's `currency_conversion` (Adaptive Pricing): the totals in the session's
+    creation currency and the rate to the customer's. `fx_rate` is a decimal string on the wire;
+    stripe-python decodes it as Decimal (checkout.Session.CurrencyConversion's
+    `_field_encodings = {"fx_rate": "decimal_string"}`)."""
+    return {
+        "amount_subtotal": amount_total,
+        "amount_total": amount_total,
+        "fx_rate": fx_rate,
+        "source_currency": source_currency,
     }
 
 
