@@ -19,7 +19,11 @@ def test_demo_day_plays_and_reconciles(server_url, tmp_path, monkeypatch, capsys
     assert "recovered 1," in runs["twilio"]  # the SMS whose status callbacks were lost
     assert "FIRING  RechargeFailures{stripe}" in report  # Bolt's declined card
     assert (tmp_path / "balances.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "9/9" in out
+    # Call admission: a cut call, a refused call, a browser call ended on its control URL.
+    assert "ended exceeded-max-duration after" in report
+    assert "inbound call   refused, Vapi said to the caller" in report
+    assert "end-call sent 1x (ended)" in report
+    assert "10/10" in out
     # Among this process's children (the demo spawns its worker directly): another demo running
     # elsewhere on the machine is not a leftover of this one.
     leftovers = subprocess.run(

@@ -12,6 +12,7 @@ import psycopg
 import requests
 from psycopg.rows import dict_row
 
+from shim.demo.report import money
 from shim.demo.stack import SECRETS, Stack
 from shim.fakes import payloads
 
@@ -42,7 +43,10 @@ class Day:
             Org("Bolt Logistics", uuid.uuid4(), "pm_card_bolt_declines"),
             Org("Cedar Realty", uuid.uuid4(), "pm_card_cedar"),
         ]
+        # A small prepaid org whose calls meet the debt limit where calls happen.
+        self.dune = Org("Dune Cafe", uuid.uuid4(), "pm_card_dune")
         self.recovered = {}
+        self.admission = []
 
     # ------------------------------------------------------------------ plumbing
 
@@ -264,6 +268,60 @@ class Day:
         self.control(self.stack.stripe_url, f"dispute_close/{dispute['id']}", {"status": "won"})
         self.progress("a partial refund (Cedar) and a dispute won (Bolt)")
 
+    def call_admission(self):
+        """Dune prepaid $5 (about 7 minutes at 70c/min): its first inbound call is admitted for what
+        that buys and cut there; the next is refused; a browser call on its assistant, started
+        without admission and claiming Acme pays, is refused, ended on its control URL and
+        charged to Dune."""
+        dune, vapi = self.dune, self.stack.vapi_url
+        self.sql("SELECT api.open_wallet(%s, 'usd', 0)", dune.org_id)
+        self.sql("SELECT api.add_wallet_credits(%s, 500, %s)", dune.org_id, f"prepaid-{dune.org_id}")
+        number = f"pn-{dune.org_id}"
+        self.sql("SELECT api.set_inbound_assistant(%s, %s, %s)", dune.org_id, number, dune.assistant_id)
+        self.sql("SELECT api.set_vapi_route('assistant', %s, %s)", dune.assistant_id, dune.org_id)
+        self.control(
+            vapi,
+            "server",
+            {"url": f"{self.stack.shim_url}/webhooks/vapi", "secret": SECRETS["VAPI_WEBHOOK_SECRET"]},
+        )
+        long = self.control(vapi, "inbound", {"phone_number_id": number, "talk_seconds": 3600})
+        entry = self.call_entry(long["call_id"])
+        self.admission.append(
+            f"  inbound call   admitted {long['answer']['assistantOverrides']['maxDurationSeconds']} s "
+            f"(maxDurationSeconds), asked to talk 3600 s, ended {entry['details']['ended_reason']} "
+            f"after {entry['details']['duration_seconds']} s, charged {money(-entry['amount_minor'])}"
+        )
+        refused = self.control(vapi, "inbound", {"phone_number_id": number, "talk_seconds": 60})
+        self.admission.append(
+            f'  inbound call   refused, Vapi said to the caller: "{refused["answer"]["error"]}"'
+        )
+        web = self.control(
+            vapi,
+            "web_call",
+            {
+                "assistant_id": dune.assistant_id,
+                "talk_seconds": None,
+                "metadata": {"org_id": str(self.orgs[0].org_id)},
+            },
+        )
+        self.wait_for("the browser call's report", lambda: self.call_entry(web["call_id"]))
+        ended = self.sql("SELECT * FROM billing.call_end_requests WHERE call_id = %s", web["call_id"])[0]
+        entry = self.call_entry(web["call_id"])
+        self.admission.append(
+            f"  browser call   no admission, metadata claiming Acme pays: refused at in-progress, "
+            f"end-call sent {ended['attempts']}x ({ended['status']}), "
+            f"charged to Dune {money(-entry['amount_minor'])}, attribution_mismatch recorded"
+        )
+        self.progress(
+            "call admission: Dune's long call cut at its cap, the next refused, a browser call ended"
+        )
+
+    def call_entry(self, call_id: str) -> dict | None:
+        rows = self.sql(
+            "SELECT * FROM billing.ledger_entries WHERE provider_ref = %s", f"vapi:call:{call_id}"
+        )
+        return rows[0] if rows else None
+
     SCENES = (
         "open_accounts",
         "morning_top_ups",
@@ -274,6 +332,7 @@ class Day:
         "reconcile",
         "afternoon_burn",
         "refund_and_dispute",
+        "call_admission",
     )
 
     def play(self):

@@ -44,7 +44,11 @@ def run(out_dir: Path) -> int:
             "",
             "LEDGER",
             "======",
-            *ledger_summary(day.db, day.orgs),
+            *ledger_summary(day.db, [*day.orgs, day.dune]),
+            "",
+            "CALL ADMISSION",
+            "==============",
+            *day.admission,
             "",
             "RECOVERED BY RECONCILIATION",
             "===========================",
@@ -55,7 +59,7 @@ def run(out_dir: Path) -> int:
             health_text,
         ]
         chart = out_dir / "balances.png"
-        balance_chart(day.db, day.orgs, chart)
+        balance_chart(day.db, [*day.orgs, day.dune], chart)
         day.db.close()
     text = "\n".join(lines)
     (out_dir / "report.txt").write_text(text + "\n")

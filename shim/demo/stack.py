@@ -48,7 +48,8 @@ def wait_until_up(url: str, process: subprocess.Popen, log: Path, seconds: float
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"the shim exited early:\n{log.read_text()}")
-        with contextlib.suppress(requests.ConnectionError):
+        # Not up yet, or too busy importing to answer in time (a loaded machine): ask again.
+        with contextlib.suppress(requests.RequestException):
             if requests.get(f"{url}/healthz", timeout=2).status_code == 200:
                 return
         time.sleep(0.1)
@@ -104,6 +105,8 @@ class Stack:
             VAPI_API_BASE=self.vapi_url,
             TWILIO_API_BASE=self.twilio_url,
             PUBLIC_BASE_URL=self.shim_url,
+            # The fake Vapi's control URLs are on loopback.
+            VAPI_CONTROL_HOSTS="127.0.0.1",
             **SECRETS,
         )
 
