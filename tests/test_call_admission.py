@@ -207,7 +207,8 @@ def test_malformed_assistant_requests_get_a_clear_answer_never_a_500(client, ser
     answer = post_vapi(client, message)
     assert answer.status_code in (200, 400)
     if answer.status_code == 200:
-        assert set(answer.json) == {"error"}
+        # Refused as an assistant-request, or (no usable type) stored as received, failed.
+        assert set(answer.json) == {"error"} or answer.json["status"] == "failed"
     assert wallet(db, org)["held_minor"] == 0
 
 
