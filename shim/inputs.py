@@ -28,7 +28,7 @@ def bigint_field(body: dict, name: str) -> int:
     """An integer that fits PostgreSQL's bigint (amounts in minor units)."""
     value = body.get(name)
     if not isinstance(value, int) or isinstance(value, bool):  # JSON true is a Python int
-        raise BadRequest(f"{name} must be an integer", field=name)
+        raise BadRequest(f"{name} must be an integer number of minor units", field=name)
     if not BIGINT_MIN <= value <= BIGINT_MAX:
         raise BadRequest(f"{name} does not fit a bigint (64 bits)", field=name)
     return value
@@ -38,7 +38,7 @@ def uuid_field(body: dict, name: str) -> str:
     """A uuid in any form uuid.UUID reads, passed on in its canonical form."""
     value = body.get(name)
     if not isinstance(value, str):
-        raise BadRequest(f"{name} must be a uuid string", field=name)
+        raise BadRequest(f"{name} must be a uuid", field=name)
     try:
         return str(uuid.UUID(value))
     except ValueError as exc:
