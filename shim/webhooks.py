@@ -9,6 +9,7 @@ from flask import Blueprint, Response, current_app, request
 
 from shim.http_errors import BadRequest, require
 from shim.queries import QUERIES
+from shim.retry import with_connection
 from shim.signatures import verify_stripe, verify_twilio, verify_vapi
 
 bp = Blueprint("webhooks", __name__)
@@ -18,11 +19,12 @@ def ingest(provider: str, event_id: str, event_type: str, payload: str):
     """Hand a verified event (`payload`: a JSON object's text) to api.ingest_webhook; its commit
     is what the 200 promises. The outcome is relayed as the database wrote it."""
     pool = current_app.extensions["creditledger.pool"]
-    with pool.connection() as conn:
-        outcome = conn.execute(
-            QUERIES["ingest_webhook"],
-            {"provider": provider, "event_id": event_id, "event_type": event_type, "payload": payload},
-        ).fetchone()["outcome"]
+    params = {"provider": provider, "event_id": event_id, "event_type": event_type, "payload": payload}
+
+    def store(conn):  # one statement, one transaction: run again if rolled back (40001, 40P01)
+        return conn.execute(QUERIES["ingest_webhook"], params).fetchone()["outcome"]
+
+    outcome = with_connection(pool, store)
     return Response(outcome, status=200, mimetype="application/json")
 
 

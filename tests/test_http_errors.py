@@ -9,8 +9,9 @@ import pytest
 
 from shim.http_errors import SQLSTATE_ANSWERS, sqlstate_answer
 from shim.retry import with_connection
-from tests.db_helpers import open_wallet
+from tests.db_helpers import open_wallet, wallet
 from tests.jwt_tokens import bearer, supabase_token
+from tests.senders import paid_checkout, post_stripe, stripe_event
 from tests.tcp_proxy import DatabaseProxy
 
 # (SQLSTATE raised in the database, HTTP status, error code, Retry-After)
@@ -102,6 +103,30 @@ def test_a_serialization_failure_is_retried_and_the_retry_answers(shim_app, db):
     # Each failed attempt's INSERT was rolled back with it: the third sees only its own row.
     assert with_connection(pool, work) == 1
     assert db.execute("SELECT count(*) AS n FROM attempts").fetchone()["n"] == 1
+
+
+def test_a_deadlock_while_storing_a_webhook_is_retried_and_credits_once(client, service, db):
+    """The inbox insert is chosen as a deadlock victim once (a trigger counting on a sequence,
+    which a rollback does not rewind): the shim stores the event on its second attempt and
+    answers 200, instead of 503 to a provider that may not retry (Vapi, by default)."""
+    db.execute("CREATE SEQUENCE public.ingest_attempts")
+    db.execute(
+        "CREATE FUNCTION public.deadlock_once() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+        " IF nextval('public.ingest_attempts') = 1 THEN"
+        " RAISE EXCEPTION USING ERRCODE = '40P01', MESSAGE = 'deadlock detected (test)'; END IF;"
+        " RETURN NEW; END $$"
+    )
+    db.execute(
+        "CREATE TRIGGER deadlock_once BEFORE INSERT ON billing.webhook_events"
+        " FOR EACH ROW EXECUTE FUNCTION public.deadlock_once()"
+    )
+    db.execute("GRANT USAGE ON SEQUENCE public.ingest_attempts TO PUBLIC")
+    org = open_wallet(service)
+    session, _ = paid_checkout(org, 2500)
+    answer = post_stripe(client, stripe_event("checkout.session.completed", session))
+    assert answer.status_code == 200 and answer.json["status"] == "processed"
+    assert db.execute("SELECT last_value FROM public.ingest_attempts").fetchone()["last_value"] == 2
+    assert wallet(db, org)["balance_minor"] == 2500
 
 
 def test_retries_are_bounded(shim_app):
