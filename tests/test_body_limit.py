@@ -3,12 +3,16 @@ threaded server here; gunicorn in tests/test_gunicorn.py). A chunked body used t
 1 MiB without an error and answered 400 bad_signature; now it is refused and nothing is stored."""
 
 import io
+from urllib.parse import urlencode
 
 import pytest
 import requests
 
 from shim.body_limit import MAX_BODY_BYTES
-from tests.senders import chunks, signed_stripe_body
+from shim.fakes import payloads
+from tests.conftest import SECRETS
+from tests.db_helpers import open_wallet
+from tests.senders import TWILIO_PATH, chunks, signed_stripe_body
 
 
 def inbox_size(db) -> int:
@@ -44,6 +48,30 @@ def test_a_chunked_twilio_form_over_one_mib_is_413(shim_url):
         timeout=30,
     )
     assert answer.status_code == 413
+
+
+def test_a_chunked_twilio_form_under_the_limit_is_parsed(shim_url, service, db):
+    """The body read before the view is cached: the form parser gets it whole, signature and all."""
+    org = open_wallet(service, balance_minor=100)
+    sid = payloads.twilio_sid("SM")
+    service.execute("SELECT * FROM api.register_sms(%s, %s, 1)", (org, sid))
+    form = payloads.twilio_status_callback(
+        message_sid=sid,
+        status="delivered",
+        account_sid="AC" + "0" * 32,
+        from_="+15550000001",
+        to="+15550000002",
+    )
+    signature = payloads.sign_twilio(
+        SECRETS["public_base_url"] + TWILIO_PATH, form, SECRETS["twilio_auth_token"]
+    )
+    answer = requests.post(
+        f"{shim_url}{TWILIO_PATH}",
+        data=chunks(urlencode(form).encode(), size=16),
+        headers={"Content-Type": "application/x-www-form-urlencoded", "X-Twilio-Signature": signature},
+        timeout=30,
+    )
+    assert answer.status_code == 200 and answer.json()["result"]["status"] == "applied"
 
 
 def test_an_unterminated_stream_without_length_is_refused_not_read(client):

@@ -12,7 +12,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -54,7 +54,8 @@ class Endpoint:
     as the endpoint's legitimate caller would (signed, with a token), plus `headers`.
     valid(setup) builds a fresh valid body (a dict) from the test's setup; None: no body.
     fields: the dotted paths of the fields the endpoint reads, each corrupted in turn.
-    bad_credentials: header sets that must be refused (signature, token)."""
+    bad_credentials: header sets that must be refused (signature, token).
+    claims: claims merged into an otherwise valid Supabase token, for endpoints that take one."""
 
     name: str
     method: str
@@ -65,8 +66,8 @@ class Endpoint:
     stores_body: bool = False
     form: bool = False
     bad_credentials: tuple[dict, ...] = ()
+    claims: tuple[dict, ...] = ()
     ok_mimetype: str = "application/json"
-    extra: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------- how each caller sends
@@ -253,19 +254,17 @@ ENDPOINTS = [
         send_top_up,
         valid_top_up,
         ("amount_minor", "client_request_id"),
-        extra={
-            "claims": [
-                {"sub": "user-42"},
-                {"sub": "\u0000"},
-                {"app_metadata": "org"},
-                {"app_metadata": {"org_id": 42}},
-                {"app_metadata": {"org_id": "acme", "org_role": "owner"}},
-                {"app_metadata": {"org_id": None}},
-                {"email": "\ud800@example.test"},
-                {"email": "nul\u0000@example.test"},
-                {"role": "service_role"},
-            ]
-        },
+        claims=(
+            {"sub": "user-42"},
+            {"sub": "\u0000"},
+            {"app_metadata": "org"},
+            {"app_metadata": {"org_id": 42}},
+            {"app_metadata": {"org_id": "acme", "org_role": "owner"}},
+            {"app_metadata": {"org_id": None}},
+            {"email": "\ud800@example.test"},
+            {"email": "nul\u0000@example.test"},
+            {"role": "service_role"},
+        ),
         bad_credentials=(
             {"Authorization": ""},
             {"Authorization": "Bearer "},
@@ -351,7 +350,7 @@ def general_cases(endpoint: Endpoint, setup: dict):
     )
     for headers in endpoint.bad_credentials:
         yield f"credentials {headers!r:.60}", endpoint.valid(setup) if endpoint.valid else None, headers
-    for claims in endpoint.extra.get("claims", []):
+    for claims in endpoint.claims:
         yield f"claims {claims!r:.60}", endpoint.valid(setup), token_with(setup, **claims)
     if endpoint.valid is None:
         return
