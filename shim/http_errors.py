@@ -67,6 +67,13 @@ SQLSTATE_ANSWERS: dict[str, tuple[int, str, int | None]] = {
 }
 # Anything else (0A, 21, 25, 42 but those above, P0001, XX, ...) is a defect of ours: 500.
 DEFECT = (500, "internal_error", None)
+# A server-side answer says what to do, never what the database said (that goes to the log).
+SERVER_SIDE_MESSAGES = {
+    "database_unavailable": "the database cannot answer now; retry later",
+    "database_busy": "the database rolled the transaction back under contention; retry",
+    "schema_not_ready": "the database schema is older than this release; retry after the migration",
+    "internal_error": "internal error; it has been logged",
+}
 
 
 def sqlstate_answer(sqlstate: str | None) -> tuple[int, str, int | None]:
@@ -111,14 +118,13 @@ def register(app: Flask) -> None:
         if exc.sqlstate is None:
             return _client_side(exc)
         status, error, retry_after = sqlstate_answer(exc.sqlstate)
-        message = exc.diag.message_primary or str(exc)
         headers = {"Retry-After": str(retry_after)} if retry_after else {}
         if status >= 500:
             log = app.logger.error if status == 500 else app.logger.warning
-            log("database error %s answered %d: %s", exc.sqlstate, status, message)
-            if status == 503:
-                message = f"the database cannot answer now ({message}); retry later"
-        return _answer(status, error, message, exc.diag.column_name, **headers)
+            log("database error %s answered %d: %s", exc.sqlstate, status, exc.diag.message_primary or exc)
+            return _answer(status, error, SERVER_SIDE_MESSAGES[error], **headers)
+        # The client's own fault: our SQL's message names the field, also in the error's COLUMN.
+        return _answer(status, error, exc.diag.message_primary or str(exc), exc.diag.column_name)
 
     def _client_side(exc):
         """A psycopg error with no SQLSTATE never reached the server's SQL: a lost or refused
@@ -128,10 +134,10 @@ def register(app: Flask) -> None:
             return _answer(400, "invalid_parameter", str(exc))
         if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
             app.logger.warning("database unavailable: %s", exc)
-            message = "the database is unreachable; retry later"
+            message = SERVER_SIDE_MESSAGES["database_unavailable"]
             return _answer(503, "database_unavailable", message, **{"Retry-After": "5"})
         app.logger.error("database client error: %s", exc)
-        return _answer(*DEFECT[:2], "internal error")
+        return _answer(500, "internal_error", SERVER_SIDE_MESSAGES["internal_error"])
 
     @app.errorhandler(stripe.APIConnectionError)
     @app.errorhandler(stripe.RateLimitError)
@@ -159,7 +165,7 @@ def register(app: Flask) -> None:
     def defect(exc):
         """A bug: still a JSON answer, and the traceback in the log."""
         app.logger.exception("unhandled error")
-        return _answer(500, "internal_error", "internal error; it has been logged")
+        return _answer(500, "internal_error", SERVER_SIDE_MESSAGES["internal_error"])
 
 
 def require(value: str | None, name: str) -> str:

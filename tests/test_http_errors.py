@@ -73,6 +73,9 @@ def test_each_sqlstate_has_its_answer(raising_app, sqlstate, status, error, retr
     if status < 500:  # the client's own fault: the message and the field the SQL named
         assert answer.json["message"] == f"raised {sqlstate}"
         assert answer.json["field"] == "some_field"
+    else:  # the server's: what to do, never what the database said
+        assert sqlstate not in answer.get_data(as_text=True)
+        assert "field" not in answer.json
 
 
 def test_every_entry_of_the_table_is_exercised():
