@@ -3,13 +3,10 @@
 from flask import Flask
 from prometheus_client import CollectorRegistry
 
-from shim import calls, http_errors, metrics, ops, topups, webhooks
+from shim import body_limit, calls, http_errors, metrics, ops, topups, webhooks
 from shim.config import Config
 from shim.health import BillingHealthCollector
 from shim.pool import open_pool
-
-# Providers send small JSON or forms; anything larger is refused with 413 before it is read.
-MAX_BODY_BYTES = 1024 * 1024
 
 
 def create_app(config: Config | None = None, pool=None) -> Flask:
@@ -17,7 +14,7 @@ def create_app(config: Config | None = None, pool=None) -> Flask:
     config = config or Config()
     app = Flask("creditledger")
     app.config["CREDITLEDGER"] = config
-    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    body_limit.install(app)
     if pool is None:
         pool = open_pool(config.database_url, max_size=config.pool_max_size)
         pool.open(wait=False)

@@ -35,6 +35,8 @@ class Config:
     twilio_api_base: str | None = field(default_factory=lambda: _env("TWILIO_API_BASE"))
     public_base_url: str | None = field(default_factory=lambda: _env("PUBLIC_BASE_URL"))
     supabase_jwt_secret: str | None = field(default_factory=lambda: _env("SUPABASE_JWT_SECRET"))
+    # The bearer token /metrics requires; unset, /metrics answers 503 (shim.metrics_auth).
+    metrics_token: str | None = field(default_factory=lambda: _env("METRICS_TOKEN"))
     # Where a top-up's Checkout page sends the customer back to.
     checkout_success_url: str = field(
         default_factory=lambda: _env("CHECKOUT_SUCCESS_URL") or "https://app.example.com/billing?paid=1"

@@ -8,8 +8,14 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from shim.queries import QUERIES
+from shim.recent import Recent
 
 log = logging.getLogger(__name__)
+
+# A scrape reuses a health evaluation younger than this: a third of the 15 s scrape interval, so
+# numbers stay current, while scrapes by several Prometheus replicas, or by anyone holding the
+# token, cost the database at most one evaluation per worker per 5 s.
+SCRAPE_CACHE_SECONDS = 5.0
 
 
 def read(pool) -> tuple[list[dict], list[dict]]:
@@ -20,15 +26,17 @@ def read(pool) -> tuple[list[dict], list[dict]]:
 
 
 class BillingHealthCollector(Collector):
-    """Queried at every scrape (the SQL is built to be cheap enough for a 15 s interval)."""
+    """Queried at a scrape, at most once per SCRAPE_CACHE_SECONDS (the SQL is built to be cheap
+    enough for a 15 s interval, not for a request flood)."""
 
-    def __init__(self, pool):
+    def __init__(self, pool, max_age: float = SCRAPE_CACHE_SECONDS):
         self.pool = pool
+        self.read = Recent(lambda: read(pool), max_age)
 
     def collect(self):
         up = GaugeMetricFamily("creditledger_database_up", "1 when the billing database answered the scrape")
         try:
-            metrics, alerts = read(self.pool)
+            metrics, alerts = self.read()
         except Exception as exc:  # a scrape must still answer, saying the database is down
             log.warning("health scrape failed: %s", exc)
             up.add_metric([], 0)

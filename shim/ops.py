@@ -1,8 +1,9 @@
 """GET /healthz and GET /metrics, for operators and their scrapers."""
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Response, current_app, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from shim.metrics_auth import require_metrics_token
 from shim.migrate import sql_files
 from shim.queries import QUERIES
 
@@ -25,6 +26,10 @@ def healthz():
 
 @bp.get("/metrics")
 def metrics():
-    """Prometheus exposition of the shim's and the billing database's metrics."""
+    """Prometheus exposition of the shim's and the billing database's metrics, for the holder
+    of METRICS_TOKEN only."""
+    require_metrics_token(
+        current_app.config["CREDITLEDGER"].metrics_token, request.headers.get("Authorization")
+    )
     registry = current_app.extensions["creditledger.registry"]
     return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)

@@ -1,9 +1,12 @@
-"""Bounded retries with exponential backoff for provider API calls made by jobs: a 429 or a 5xx
-is retried a few times (honouring Retry-After), then the job fails and is resumed later."""
+"""Bounded retries with exponential backoff: provider API calls made by jobs (a 429 or a 5xx is
+retried a few times, honouring Retry-After, then the job fails and is resumed later), and the
+shim's database calls that PostgreSQL rolled back as a serialization failure or a deadlock."""
 
 import logging
 import time
 from collections.abc import Callable
+
+import psycopg
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,24 @@ def with_backoff(
                 raise
             hinted = getattr(exc, "retry_after", None)
             delay = min(max_delay, hinted if hinted is not None else base_delay * 2 ** (attempt - 1))
-            log.warning("provider busy (%s); attempt %d/%d, retrying in %.2fs", exc, attempt, attempts, delay)
+            log.warning("transient (%s); attempt %d/%d, retrying in %.2fs", exc, attempt, attempts, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+# PostgreSQL rolls the whole transaction back for these and advises retrying all of it
+# (https://www.postgresql.org/docs/current/mvcc-serialization-failure-handling.html).
+ROLLED_BACK = (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected)
+
+
+def with_connection(pool, work: Callable, attempts: int = 3):
+    """work(conn) on a pooled connection, run again (on a fresh checkout) when PostgreSQL rolled
+    its transaction back with 40001 or 40P01. `work` must be one whole transaction (one
+    autocommit statement, or a conn.transaction() block) so that a retry repeats all of it; when
+    the attempts run out the error reaches shim.http_errors, which answers 503 with Retry-After."""
+
+    def attempt():
+        with pool.connection() as conn:
+            return work(conn)
+
+    return with_backoff(attempt, retryable=ROLLED_BACK, attempts=attempts, base_delay=0.05, max_delay=0.5)

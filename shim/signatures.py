@@ -5,17 +5,45 @@ BadSignature; the caller answers 400 and stores nothing."""
 import hashlib
 import hmac
 import time
+import uuid
 
 import jwt
 import stripe
 from twilio.request_validator import RequestValidator
 
-# Stripe's default tolerance; the same window is applied to Vapi's timestamped HMAC.
+# Stripe's default tolerance; the same window is applied to Vapi's timestamped HMAC, and to
+# timestamps ahead of our clock (skew), in both directions.
 TOLERANCE_SECONDS = 300
 
 
 class BadSignature(Exception):
     """The request is not provably from who it claims to be."""
+
+
+def check_fresh(sent_at: float, now: float | None = None) -> None:
+    """A signed timestamp within TOLERANCE_SECONDS of our clock, past or future. A signature is
+    only as fresh as its timestamp: one dated ahead would stay valid until that date, so a
+    captured delivery could be replayed for as long (Stripe: "Prevent replay attacks",
+    https://docs.stripe.com/webhooks#replay-attacks). Written as one chained comparison, not a
+    subtraction: NaN and infinities fail it (NaN compares false with everything, so `abs(now -
+    nan) > tolerance` was false and NaN passed), and a huge integer t= cannot overflow a float."""
+    now = time.time() if now is None else now
+    if not now - TOLERANCE_SECONDS <= sent_at <= now + TOLERANCE_SECONDS:
+        raise BadSignature(f"signature timestamp is not within {TOLERANCE_SECONDS} s of our clock")
+
+
+def stripe_timestamps(header: str) -> list[int]:
+    """Every t= of a Stripe-Signature header. stripe-python signs with the first one; all are
+    checked so that no parse of ours can disagree with its parse."""
+    stamps = []
+    for item in header.split(","):
+        key, _, value = item.partition("=")
+        if key == "t":
+            try:
+                stamps.append(int(value))
+            except ValueError as exc:
+                raise BadSignature("Stripe-Signature t= is not an integer") from exc
+    return stamps
 
 
 def verify_stripe(body: bytes, header: str | None, secret: str) -> None:
@@ -31,6 +59,10 @@ def verify_stripe(body: bytes, header: str | None, secret: str) -> None:
         raise BadSignature(f"Stripe signature: {exc.user_message or exc}") from exc
     except UnicodeDecodeError as exc:
         raise BadSignature("body is not UTF-8") from exc
+    # verify_header refuses timestamps older than the tolerance, never newer ones (it compares
+    # `timestamp < time.time() - tolerance` only); a future one is refused here.
+    for stamp in stripe_timestamps(header):
+        check_fresh(stamp)
 
 
 def verify_vapi(body: bytes, headers, secret: str, now: float | None = None) -> None:
@@ -50,8 +82,7 @@ def verify_vapi(body: bytes, headers, secret: str, now: float | None = None) -> 
         raise BadSignature("x-timestamp is not a number") from exc
     if sent_at > 1e12:  # milliseconds
         sent_at /= 1000
-    if abs((now or time.time()) - sent_at) > TOLERANCE_SECONDS:
-        raise BadSignature("x-timestamp outside the tolerance window")
+    check_fresh(sent_at, now)
     expected = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
     if not hmac.compare_digest(expected, signature):
         raise BadSignature("x-signature does not match")
@@ -71,7 +102,7 @@ def verify_supabase_jwt(authorization: str | None, secret: str) -> dict:
     if not authorization or not authorization.startswith("Bearer "):
         raise BadSignature("missing Bearer token")
     try:
-        return jwt.decode(
+        claims = jwt.decode(
             authorization.removeprefix("Bearer ").strip(),
             secret,
             algorithms=["HS256"],
@@ -80,6 +111,31 @@ def verify_supabase_jwt(authorization: str | None, secret: str) -> dict:
         )
     except jwt.PyJWTError as exc:
         raise BadSignature(f"JWT: {exc}") from exc
+    check_identity_claims(claims)
+    return claims
+
+
+def check_identity_claims(claims: dict) -> None:
+    """The claims SQL casts to uuid (auth.uid() reads sub; the caller's org is
+    app_metadata.org_id) must be uuids, or the cast fails inside the transaction. A token whose
+    claims are malformed is an invalid token (RFC 6750 3.1: 401 invalid_token), named here."""
+    if not _is_uuid(claims.get("sub")):
+        raise BadSignature("JWT claim sub is not a uuid")
+    app_metadata = claims.get("app_metadata", {})
+    if not isinstance(app_metadata, dict):
+        raise BadSignature("JWT claim app_metadata is not an object")
+    org_id = app_metadata.get("org_id")
+    if org_id not in (None, "") and not _is_uuid(org_id):  # absent: SQL answers 403, no org
+        raise BadSignature("JWT claim app_metadata.org_id is not a uuid")
+
+
+def _is_uuid(value) -> bool:
+    """A uuid in the canonical 8-4-4-4-12 form (any case), which PostgreSQL's uuid input takes;
+    uuid.UUID alone also takes forms PostgreSQL refuses (urn:uuid:..., stray hyphens)."""
+    try:
+        return str(uuid.UUID(value)) == value.lower()
+    except (TypeError, ValueError, AttributeError):
+        return False
 
 
 def verify_platform_jwt(authorization: str | None, secret: str) -> dict:

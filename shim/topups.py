@@ -5,13 +5,14 @@ produce one session."""
 
 import json
 import time
-import uuid
 
 import stripe
 from flask import Blueprint, current_app, jsonify, request
 
-from shim.http_errors import BadRequest, require
+from shim.http_errors import require
+from shim.inputs import bigint_field, json_object_body, uuid_field
 from shim.queries import QUERIES
+from shim.retry import with_connection
 from shim.signatures import BadSignature, verify_supabase_jwt
 from shim.stripe_client import make_client
 
@@ -23,30 +24,25 @@ PENDING_WAIT_SECONDS = 10.0
 
 
 def parse_body() -> tuple[int, str]:
-    """amount_minor (an integer) and client_request_id (a uuid), or 400."""
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        raise BadRequest("body must be a JSON object")
-    amount, client_request_id = body.get("amount_minor"), body.get("client_request_id")
-    if not isinstance(amount, int) or isinstance(amount, bool):
-        raise BadRequest("amount_minor must be an integer number of minor units")
-    try:
-        uuid.UUID(str(client_request_id))
-    except ValueError as exc:
-        raise BadRequest("client_request_id must be a uuid") from exc
-    return amount, str(client_request_id)
+    """amount_minor (a bigint; its bounds are SQL's) and client_request_id (a uuid), or 400."""
+    body = json_object_body()
+    return bigint_field(body, "amount_minor"), uuid_field(body, "client_request_id")
 
 
 def decide(pool, claims: dict, amount: int, client_request_id: str) -> dict:
     """api.begin_checkout as the user, waiting while another request holds the lease."""
     deadline = time.monotonic() + PENDING_WAIT_SECONDS
-    while True:
-        with pool.connection() as conn, conn.transaction():
+
+    def as_user(conn):
+        with conn.transaction():
             conn.execute(QUERIES["become_user"], {"claims": json.dumps(claims)})
-            answer = conn.execute(
+            return conn.execute(
                 QUERIES["begin_checkout"],
                 {"amount_minor": amount, "client_request_id": client_request_id},
             ).fetchone()["answer"]
+
+    while True:
+        answer = with_connection(pool, as_user)
         if answer["status"] != "pending" or time.monotonic() > deadline:
             return answer
         time.sleep(PENDING_POLL_SECONDS)

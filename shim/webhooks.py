@@ -26,6 +26,7 @@ from shim.bodies import digest_id, field, key, read_json
 from shim.call_control import end_due_calls
 from shim.http_errors import require
 from shim.queries import QUERIES
+from shim.retry import with_connection
 from shim.signatures import verify_stripe, verify_twilio, verify_vapi
 
 bp = Blueprint("webhooks", __name__)
@@ -45,8 +46,11 @@ def store(
         "body": body,
         "raw_body": raw_body,
     }
-    with pool.connection() as conn:
+
+    def stored(conn):  # one statement, one transaction: run again if rolled back (40001, 40P01)
         return conn.execute(QUERIES["ingest_webhook_text"], params).fetchone()["outcome"]
+
+    return with_connection(pool, stored)
 
 
 def ingest(provider: str, event_id: str, event_type: str | None, body: str, raw_body: str | None = None):

@@ -105,6 +105,7 @@ SECRETS = {
     "public_base_url": "https://billing.example.test",
     "supabase_jwt_secret": "supabase-test-jwt-secret-at-least-32-bytes",
     "stripe_api_key": "sk_test_creditledger",
+    "metrics_token": "metrics-test-token",
 }
 
 

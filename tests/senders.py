@@ -5,8 +5,12 @@ import time
 
 from shim.fakes import payloads
 from tests.conftest import SECRETS
+from tests.db_helpers import open_wallet
 
 TWILIO_PATH = "/webhooks/twilio/sms-status"
+
+# What Prometheus sends with `authorization: credentials_file:` holding METRICS_TOKEN.
+METRICS_AUTH = {"Authorization": f"Bearer {SECRETS['metrics_token']}"}
 
 
 def stripe_event(event_type: str, obj: dict, event_id: str | None = None) -> dict:
@@ -57,3 +61,23 @@ def paid_checkout(org_id, amount: int, currency: str = "usd"):
         payment_intent=pi,
     )
     return session, pi
+
+
+def signed_stripe_body(service, size: int) -> tuple[bytes, dict]:
+    """A Stripe event padded to `size` bytes, validly signed: only its size can refuse it."""
+    org = open_wallet(service)
+    session, _ = paid_checkout(org, 2500)
+    event = stripe_event("checkout.session.completed", session)
+    event["data"]["object"]["metadata"]["padding"] = ""
+    filler = size - len(json.dumps(event).encode())
+    event["data"]["object"]["metadata"]["padding"] = "x" * filler
+    body = json.dumps(event).encode()
+    assert len(body) == size
+    header = payloads.sign_stripe(body, SECRETS["stripe_webhook_secret"], int(time.time()))
+    return body, {"Stripe-Signature": header, "Content-Type": "application/json"}
+
+
+def chunks(body: bytes, size: int = 64 * 1024):
+    """A generator body: requests sends it with Transfer-Encoding: chunked, no Content-Length."""
+    for start in range(0, len(body), size):
+        yield body[start : start + size]

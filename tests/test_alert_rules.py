@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.senders import METRICS_AUTH
+
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "ops" / "prometheus" / "alerts.yml"
 RULE_TESTS = ROOT / "ops" / "prometheus" / "alerts_test.yml"
@@ -339,7 +341,7 @@ def test_exported_names_match_a_live_scrape(client):
     from prometheus_client.parser import text_string_to_metric_families
 
     assert client.get("/healthz").status_code == 200
-    answer = client.get("/metrics")
+    answer = client.get("/metrics", headers=METRICS_AUTH)
     assert answer.status_code == 200
     live = {
         sample.name

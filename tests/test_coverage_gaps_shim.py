@@ -187,7 +187,8 @@ def test_top_up_body_that_is_not_a_request_is_400(client, service, db, fake_stri
     org = open_wallet(service)
     answer = top_up_raw(client, org, **kwargs)
     assert answer.status_code == 400
-    assert answer.json == {"error": "bad_request", "message": message}
+    assert (answer.json["error"], answer.json["message"]) == ("bad_request", message)
+    assert answer.json.get("field") == (message.split()[0] if "_" in message.split()[0] else None)
     assert db.execute("SELECT count(*) AS n FROM billing.checkout_requests").fetchone()["n"] == 0
     assert "POST /v1/checkout/sessions" not in fake_stripe.stats()["endpoints"]
 

@@ -7,11 +7,12 @@ import time
 import pytest
 import requests
 
+from shim.body_limit import MAX_BODY_BYTES
 from shim.fakes import payloads
 from tests.conftest import SECRETS
 from tests.db_helpers import ledger_count, open_wallet, wallet
 from tests.gunicorn_server import running_gunicorn
-from tests.senders import paid_checkout, stripe_event
+from tests.senders import METRICS_AUTH, chunks, paid_checkout, signed_stripe_body, stripe_event
 
 
 @pytest.fixture
@@ -48,6 +49,21 @@ def test_metrics_count_requests_of_every_worker(gunicorn_url):
     """Two workers answer; whichever serves the scrape reports the requests of both."""
     for _ in range(12):
         requests.post(f"{gunicorn_url}/webhooks/stripe", data=b"{}", timeout=10)
-    text = requests.get(f"{gunicorn_url}/metrics", timeout=10).text
+    text = requests.get(f"{gunicorn_url}/metrics", headers=METRICS_AUTH, timeout=10).text
     assert 'creditledger_http_requests_total{code="400",endpoint="/webhooks/stripe"} 12.0' in text
     assert "creditledger_database_up 1.0" in text
+
+
+def test_a_chunked_body_over_one_mib_is_413_under_gunicorn(gunicorn_url, service, db):
+    """gunicorn decodes chunked input and sets wsgi.input_terminated; the shim reads at most one
+    byte past the limit, so one byte too many is 413 and exactly 1 MiB still applies."""
+    too_long, headers = signed_stripe_body(service, MAX_BODY_BYTES + 1)
+    answer = requests.post(
+        f"{gunicorn_url}/webhooks/stripe", data=chunks(too_long), headers=headers, timeout=30
+    )
+    assert answer.status_code == 413 and answer.json()["error"] == "payload_too_large"
+    assert db.execute("SELECT count(*) AS n FROM billing.webhook_events").fetchone()["n"] == 0
+
+    exact, headers = signed_stripe_body(service, MAX_BODY_BYTES)
+    answer = requests.post(f"{gunicorn_url}/webhooks/stripe", data=chunks(exact), headers=headers, timeout=30)
+    assert answer.status_code == 200 and answer.json()["status"] == "processed"

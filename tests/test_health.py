@@ -6,7 +6,7 @@ import pytest
 
 from shim.cli import main
 from tests.db_helpers import open_wallet
-from tests.senders import paid_checkout, post_stripe, stripe_event
+from tests.senders import METRICS_AUTH, paid_checkout, post_stripe, stripe_event
 
 
 def alerts(service) -> dict:
@@ -38,7 +38,7 @@ def test_corrupted_balance_fires_the_invariant_alert(service, db, client, monkey
     org = open_wallet(service, balance_minor=1000)
     db.execute("UPDATE billing.wallets SET balance_minor = balance_minor + 1 WHERE org_id = %s", (org,))
     assert "LedgerInvariantViolated" in firing(service)
-    metrics = client.get("/metrics").get_data(as_text=True)
+    metrics = client.get("/metrics", headers=METRICS_AUTH).get_data(as_text=True)
     assert 'creditledger_ledger_invariant_violations{provider=""} 1.0' in metrics
     assert 'creditledger_alert_firing{alert="LedgerInvariantViolated",provider=""} 1.0' in metrics
     code, out = health_exit_code(monkeypatch, db_url, capsys)
@@ -57,7 +57,7 @@ def test_events_that_stop_applying_fire_success_rate_and_backlog(service, db, cl
     assert not alerts(service)[("WebhookBacklogStale", "stripe")]  # young backlog: not yet stale
     db.execute("UPDATE billing.webhook_events SET received_at = now() - interval '6 minutes'")
     assert alerts(service)[("WebhookBacklogStale", "stripe")]
-    metrics = client.get("/metrics").get_data(as_text=True)
+    metrics = client.get("/metrics", headers=METRICS_AUTH).get_data(as_text=True)
     assert 'creditledger_webhook_backlog{provider="stripe"} 3.0' in metrics
 
 
@@ -134,6 +134,6 @@ def test_metrics_say_the_database_is_down_instead_of_failing(shim_config):
     pool = open_pool("postgresql://nobody@127.0.0.1:9/none?connect_timeout=1", max_size=1)
     pool.timeout = 0.5
     app = create_app(dataclasses.replace(shim_config), pool=pool)
-    text = app.test_client().get("/metrics").get_data(as_text=True)
+    text = app.test_client().get("/metrics", headers=METRICS_AUTH).get_data(as_text=True)
     assert "creditledger_database_up 0.0" in text
     assert app.test_client().get("/healthz").status_code == 503
