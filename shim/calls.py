@@ -15,7 +15,9 @@ from flask import Blueprint, current_app, jsonify, request
 from vapi import AssistantOverrides, CreateCustomerDto
 from vapi.core.api_error import ApiError
 
+from shim.bodies import key
 from shim.http_errors import BadRequest, require
+from shim.inputs import json_object_body, uuid_field
 from shim.queries import QUERIES
 from shim.signatures import BadSignature, verify_platform_jwt
 from shim.vapi_client import make_vapi
@@ -23,42 +25,37 @@ from shim.vapi_client import make_vapi
 bp = Blueprint("calls", __name__)
 
 
-def _text(body: dict, name: str) -> str:
-    value = body.get(name)
-    if not isinstance(value, str) or not 1 <= len(value) <= 255:
-        raise BadRequest(f"{name} must be a string of 1 to 255 characters")
+def _text(body: dict, name: str, label: str | None = None) -> str:
+    value = key(body.get(name))
+    if value is None:
+        label = label or name
+        raise BadRequest(f"{label} must be a string of 1 to 255 characters (text, no NUL)", field=label)
     return value
 
 
 def parse_body(claims: dict) -> dict:
     """The call to place and the org that pays for it: the signed-in user's org, or, for the
     service role only, the body's org_id."""
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        raise BadRequest("body must be a JSON object")
+    body = json_object_body()
     customer = body.get("customer")
     if not isinstance(customer, dict):
-        raise BadRequest("customer must be an object with a number")
+        raise BadRequest("customer must be an object with a number", field="customer")
     max_minutes = body.get("max_minutes")
     if max_minutes is not None and (not isinstance(max_minutes, int) or isinstance(max_minutes, bool)):
-        raise BadRequest("max_minutes must be an integer")
+        raise BadRequest("max_minutes must be an integer", field="max_minutes")
     if claims.get("role") == "service_role":
-        org_id = body.get("org_id")
-    else:
-        if "org_id" in body:
-            raise BadRequest("org_id may only be given by the service role")
+        org_id = uuid_field(body, "org_id")
+    elif "org_id" in body:
+        raise BadRequest("org_id may only be given by the service role", field="org_id")
+    else:  # verify_supabase_jwt checked that the claim is a uuid
         org_id = (claims.get("app_metadata") or {}).get("org_id")
-    try:
-        org_id = str(uuid.UUID(str(org_id)))
-    except ValueError as exc:
-        raise BadRequest(
-            "org_id must be a uuid (the caller's org, or the body's for the service role)"
-        ) from exc
+        if not org_id:
+            raise BadRequest("the caller's token names no org (app_metadata.org_id)", field="org_id")
     return {
         "org_id": org_id,
         "assistant_id": _text(body, "assistant_id"),
         "phone_number_id": _text(body, "phone_number_id"),
-        "number": _text(customer, "number"),
+        "number": _text(customer, "number", "customer.number"),
         "max_minutes": max_minutes,
     }
 
@@ -85,7 +82,8 @@ def place_call():
         "admit_call", {"org_id": call["org_id"], "call_id": admission_id, "max_minutes": call["max_minutes"]}
     )
     if admitted["status"] != "applied":
-        return jsonify({"error": "refused", "reason": admitted["reason"]}), 402
+        message = f"the call was not admitted: {admitted['reason']}"
+        return jsonify({"error": "refused", "reason": admitted["reason"], "message": message}), 402
     seconds = admitted["max_duration_seconds"]
     try:
         created = vapi.calls.create(
