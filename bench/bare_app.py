@@ -7,6 +7,7 @@ app = Flask("bare")
 
 
 @app.post("/webhooks/stripe")
+@app.post("/webhooks/vapi")
 def accept():
     request.get_data()
     return {"status": "accepted"}, 200

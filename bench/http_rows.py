@@ -1,5 +1,6 @@
-"""HTTP rows of `make bench`: signed Stripe webhooks end to end through gunicorn against a bare
-Flask endpoint, and reconciling 10,000 Stripe objects against merely paging through them.
+"""HTTP rows of `make bench`: signed Stripe webhooks and Vapi assistant-requests (call admission)
+end to end through gunicorn against a bare Flask endpoint, and reconciling 10,000 Stripe objects
+against merely paging through them.
 
 Both pairs run on loopback only and are bounded in count and time: a load generator of
 `HTTP_CLIENTS` clients sends pre-signed events for `ctx.seconds`, at most
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from datetime import timedelta
 
 from bench.harness import BenchError, Context, Measurement, Row, org_uuid
@@ -20,6 +22,7 @@ from shim.fakes import payloads
 from shim.fakes.serve import free_port
 
 WEBHOOK_SECRET = "whsec_bench"
+VAPI_SECRET = "vapi-bench-secret"
 HTTP_CLIENTS = 8
 MAX_REQUESTS = 100_000
 # Events prepared per second of a row: above what either row reaches here (the bare endpoint
@@ -29,7 +32,10 @@ EVENTS_PER_SECOND = 8_000
 RECONCILE_OBJECTS = 10_000
 
 
-def signed_events(ctx: Context, count: int) -> list[tuple[bytes, str]]:
+Request = tuple[str, bytes, dict]  # path, body, headers
+
+
+def signed_events(ctx: Context, count: int) -> list[Request]:
     """Real-shaped checkout.session.completed events for the seeded orgs, signed now (valid
     for Stripe's 300 s tolerance, longer than any row runs)."""
     now = int(time.time())
@@ -49,7 +55,38 @@ def signed_events(ctx: Context, count: int) -> list[tuple[bytes, str]]:
                 data_object=session,
             )
         ).encode()
-        out.append((body, payloads.sign_stripe(body, WEBHOOK_SECRET, now)))
+        signature = {"Stripe-Signature": payloads.sign_stripe(body, WEBHOOK_SECRET, now)}
+        out.append(("/webhooks/stripe", body, signature))
+    return out
+
+
+def inbound_numbers(ctx: Context) -> None:
+    """Every seeded org answers inbound calls on a number of its own (once per run)."""
+    if "inbound_numbers" in ctx.extra:
+        return
+    import psycopg
+
+    with psycopg.connect(ctx.ledger_url, autocommit=True) as conn:
+        for i in range(1, ctx.orgs + 1):
+            conn.execute(
+                "SELECT api.set_inbound_assistant(%s, %s, 'asst-bench')", (org_uuid(i), f"pn-bench-{i}")
+            )
+    ctx.extra["inbound_numbers"] = True
+
+
+def assistant_requests(ctx: Context, count: int) -> list[Request]:
+    """Vapi assistant-requests for inbound calls to the seeded orgs' numbers, each a new call:
+    one message built (and checked against the SDK's types), its ids varied per request."""
+    template = payloads.vapi_assistant_request(
+        payloads.vapi_call(status="ringing", call_type="inboundPhoneCall", phone_number_id="pn-bench-0")
+    )
+    out = []
+    for i in range(count):
+        message = template["message"]
+        number = f"pn-bench-{1 + i % ctx.orgs}"
+        call = {**message["call"], "id": str(uuid.uuid4()), "phoneNumberId": number}
+        body = {"message": {**message, "call": call, "phoneNumber": {**message["phoneNumber"], "id": number}}}
+        out.append(("/webhooks/vapi", json.dumps(body).encode(), {"X-Vapi-Secret": VAPI_SECRET}))
     return out
 
 
@@ -74,18 +111,13 @@ def serve(app_spec: str, env: dict, log_path) -> tuple[subprocess.Popen, int]:
     raise BenchError(f"gunicorn ({app_spec}) did not start; see {log_path}")
 
 
-def post(port: int, body: bytes, signature: str) -> int:
+def post(port: int, path: str, body: bytes, headers: dict) -> int:
     """One delivery on a connection of its own, as providers' webhooks arrive. (With a few
     keep-alive connections, gunicorn's two workers split them by chance: all eight could land on
     one worker, one Python process, and a row measured half what another round did.)"""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     try:
-        conn.request(
-            "POST",
-            "/webhooks/stripe",
-            body=body,
-            headers={"Content-Type": "application/json", "Stripe-Signature": signature},
-        )
+        conn.request("POST", path, body=body, headers={"Content-Type": "application/json", **headers})
         answer = conn.getresponse()
         answer.read()
         return answer.status
@@ -93,7 +125,7 @@ def post(port: int, body: bytes, signature: str) -> int:
         conn.close()
 
 
-def load(port: int, events: list[tuple[bytes, str]], seconds: float) -> Measurement:
+def load(port: int, events: list[Request], seconds: float) -> Measurement:
     """HTTP_CLIENTS clients posting the events, each on its own connection, until time is up."""
     latencies: list[int] = []
     failed = [0]
@@ -132,10 +164,13 @@ def load(port: int, events: list[tuple[bytes, str]], seconds: float) -> Measurem
     )
 
 
-def http_row(app_spec: str, ctx: Context, label: str) -> Measurement:
-    events = signed_events(ctx, min(MAX_REQUESTS, EVENTS_PER_SECOND * ctx.seconds))
+def http_row(app_spec: str, ctx: Context, label: str, events: list[Request]) -> Measurement:
     env = dict(
-        os.environ, DATABASE_URL=ctx.ledger_url, STRIPE_WEBHOOK_SECRET=WEBHOOK_SECRET, PYTHONPATH=os.getcwd()
+        os.environ,
+        DATABASE_URL=ctx.ledger_url,
+        STRIPE_WEBHOOK_SECRET=WEBHOOK_SECRET,
+        VAPI_WEBHOOK_SECRET=VAPI_SECRET,
+        PYTHONPATH=os.getcwd(),
     )
     process, port = serve(app_spec, env, ctx.log_dir / f"{label}-gunicorn.log")
     try:
@@ -145,14 +180,31 @@ def http_row(app_spec: str, ctx: Context, label: str) -> Measurement:
         process.wait(20)
 
 
+def row_size(ctx: Context) -> int:
+    return min(MAX_REQUESTS, EVENTS_PER_SECOND * ctx.seconds)
+
+
 def bare_flask(ctx: Context) -> Measurement:
-    return http_row("bench.bare_app:app", ctx, "bare-flask")
+    return http_row("bench.bare_app:app", ctx, "bare-flask", signed_events(ctx, row_size(ctx)))
 
 
 def shim_webhooks(ctx: Context) -> Measurement:
-    result = http_row("shim.app:create_app()", ctx, "shim-webhooks")
+    result = http_row("shim.app:create_app()", ctx, "shim-webhooks", signed_events(ctx, row_size(ctx)))
     if result.failed:
         raise BenchError(f"{result.failed} signed webhooks were not answered 200")
+    return result
+
+
+def shim_admissions(ctx: Context) -> Measurement:
+    """Each request admits a new call in one SQL call (a hold, or a stored refusal once the
+    org's wallet is fully held) and answers Vapi's assistant-request."""
+    inbound_numbers(ctx)
+    # Admission answers within Vapi's 7.5 s; the row runs on fewer requests than webhooks get.
+    result = http_row(
+        "shim.app:create_app()", ctx, "shim-admissions", assistant_requests(ctx, row_size(ctx) // 4)
+    )
+    if result.failed:
+        raise BenchError(f"{result.failed} assistant-requests were not answered 200")
     return result
 
 
@@ -232,6 +284,14 @@ ROWS: list[Row] = [
         target=0.5,
         unit="events/s",
         key="http-webhooks",
+    ),
+    Row(
+        "signed Vapi assistant-requests end to end (call admission), gunicorn + shim",
+        shim_admissions,
+        baseline=BARE_FLASK,
+        target=0.5,
+        unit="calls/s",
+        key="http-admissions",
     ),
     Row(PAGE, page_stripe, unit="objects/s", key="stripe-page"),
     Row(

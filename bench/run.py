@@ -23,7 +23,8 @@ Environment (all optional):
     BENCH_ORGS          wallets of the many-org rows (default 1000)
     BENCH_ONLY          comma-separated words: run only the rows whose key contains one (plus
                         their baselines); keys: tpcb, deduct-many, webhook, bare, deduct-hot,
-                        bare-100, hold-charge
+                        bare-100, hold-charge, http-bare, http-webhooks, http-admissions,
+                        stripe-page, stripe-reconcile
     BENCH_PROFILE=1     track_functions=all; after each row, print the PL/pgSQL functions by
                         self time per transaction (this slows every row down: ratios are off)
     BENCH_STRICT=1      exit 1 when a target is missed

@@ -10,17 +10,15 @@ expires rather than released; only a Vapi that refused is answered by releasing 
 
 import uuid
 
-import httpx
+import requests
 from flask import Blueprint, current_app, jsonify, request
-from vapi import AssistantOverrides, CreateCustomerDto
-from vapi.core.api_error import ApiError
 
 from shim.bodies import key
 from shim.http_errors import BadRequest, require
 from shim.inputs import json_object_body, uuid_field
 from shim.queries import QUERIES
 from shim.signatures import BadSignature, verify_platform_jwt
-from shim.vapi_client import make_vapi
+from shim.vapi_client import VapiRefused, create_call
 
 bp = Blueprint("calls", __name__)
 
@@ -75,7 +73,7 @@ def place_call():
     except BadSignature as exc:
         return jsonify({"error": "unauthorized", "message": str(exc)}), 401
     call = parse_body(claims)
-    vapi = make_vapi(config)
+    require(config.vapi_api_key, "VAPI_API_KEY")
 
     admission_id = f"admission:{uuid.uuid4()}"
     admitted = _query(
@@ -85,25 +83,25 @@ def place_call():
         message = f"the call was not admitted: {admitted['reason']}"
         return jsonify({"error": "refused", "reason": admitted["reason"], "message": message}), 402
     seconds = admitted["max_duration_seconds"]
+    body = {
+        "assistantId": call["assistant_id"],
+        "phoneNumberId": call["phone_number_id"],
+        "customer": {"number": call["number"]},
+        "assistantOverrides": {
+            "maxDurationSeconds": seconds,
+            "metadata": {"org_id": call["org_id"], "admission_id": admission_id},
+        },
+    }
     try:
-        created = vapi.calls.create(
-            assistant_id=call["assistant_id"],
-            phone_number_id=call["phone_number_id"],
-            customer=CreateCustomerDto(number=call["number"]),
-            assistant_overrides=AssistantOverrides(
-                max_duration_seconds=seconds,
-                metadata={"org_id": call["org_id"], "admission_id": admission_id},
-            ),
-            request_options={"max_retries": 0},
-        )
-    except ApiError as exc:
+        created = create_call(config, body)
+    except VapiRefused as exc:
         _query("release_call", {"org_id": call["org_id"], "call_id": admission_id})
-        status = 503 if (exc.status_code or 500) >= 500 or exc.status_code == 429 else 502
-        return jsonify({"error": "vapi_error", "message": f"Vapi answered {exc.status_code}"}), status
-    except httpx.HTTPError as exc:
+        status = 503 if exc.status >= 500 or exc.status == 429 else 502
+        return jsonify({"error": "vapi_error", "message": f"Vapi answered {exc.status}"}), status
+    except requests.RequestException as exc:
         # Vapi may have created the call: the admission stays until it expires.
         return jsonify({"error": "vapi_unavailable", "message": f"Vapi did not answer: {exc}"}), 503
     bound = _query(
-        "bind_call", {"org_id": call["org_id"], "admission_id": admission_id, "call_id": created.id}
+        "bind_call", {"org_id": call["org_id"], "admission_id": admission_id, "call_id": created["id"]}
     )
-    return jsonify({"call_id": created.id, "max_duration_seconds": bound["max_duration_seconds"]}), 201
+    return jsonify({"call_id": created["id"], "max_duration_seconds": bound["max_duration_seconds"]}), 201

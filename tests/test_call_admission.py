@@ -395,12 +395,12 @@ def test_vapi_refusing_the_call_releases_its_admission(vapi_app, phone, service,
 def test_a_crash_before_binding_charges_once_and_the_orphan_admission_expires(
     vapi_config, phone, service, db
 ):
-    from shim.vapi_client import make_vapi
+    from vapi import Vapi
 
     org = open_wallet(service, balance_minor=1400)
     service.execute("SELECT api.set_vapi_route('assistant', 'asst-reminders', %s)", (org,))
     admission = admit(service, org, "admission:crashed", 10)
-    created = make_vapi(vapi_config).calls.create(
+    created = Vapi(token=VAPI_KEY, base_url=vapi_config.vapi_api_base).calls.create(
         assistant_id="asst-reminders",
         phone_number_id="pn-out",
         customer={"number": "+15555550100"},
