@@ -1,4 +1,5 @@
-"""`make migrate`: yoyo migrations, then every db/functions file, then every db/policies file."""
+"""`make migrate`: every db/bootstrap file, yoyo migrations, then every db/functions file, then
+every db/policies file."""
 
 from pathlib import Path
 
@@ -22,6 +23,17 @@ def yoyo_url(url: str) -> str:
 def sql_files(folder: str) -> list[Path]:
     """The files of one folder in name order: their numeric prefixes are the apply order."""
     return sorted((DB_DIR / folder).glob("*.sql"))
+
+
+def apply_bootstrap(conn: psycopg.Connection) -> int:
+    """What must hold before yoyo connects, in one transaction: on plain PostgreSQL, Supabase's
+    roles and default privileges (yoyo's own tables are created under them)."""
+    files = sql_files("bootstrap")
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATE_LOCK_KEY,))
+        for path in files:
+            conn.execute(path.read_text())
+    return len(files)
 
 
 def apply_migrations(url: str) -> int:
@@ -50,6 +62,8 @@ def apply_definitions(conn: psycopg.Connection) -> int:
 def migrate(url: str | None = None) -> dict:
     """Bring the database at `url` to the current schema; running it twice changes nothing."""
     url = url or database_url()
+    with connect(url, autocommit=True) as conn:
+        apply_bootstrap(conn)
     ran = apply_migrations(url)
     with connect(url, autocommit=True) as conn:
         definitions = apply_definitions(conn)
