@@ -2,6 +2,7 @@
 every db/policies file."""
 
 from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
 from yoyo import get_backend, read_migrations
@@ -12,12 +13,23 @@ DB_DIR = PROJECT_ROOT / "db"
 # Any stable 64-bit number: serialises concurrent `make migrate` runs (transaction-scoped, so it
 # is also safe behind a transaction pooler).
 MIGRATE_LOCK_KEY = 0x6372656469746C67
+# Where yoyo keeps its history and lock: a schema no API role can enter (public is exposed by
+# PostgREST and open to anon by Supabase's default privileges). db/bootstrap creates it.
+BOOKKEEPING_SCHEMA = "creditledger_migrations"
 
 
 def yoyo_url(url: str) -> str:
-    """yoyo picks its driver from the scheme; psycopg 3 is `postgresql+psycopg`."""
+    """yoyo picks its driver from the scheme (psycopg 3 is `postgresql+psycopg`) and takes its
+    schema from the `schema` parameter: its postgres backend sets the connection's search_path to
+    it, so its tables are created and read there. Our migrations qualify every name, so they are
+    unaffected (an unqualified CREATE would land in that schema, which the security-model test
+    would report)."""
     scheme, rest = url.split("://", 1)
-    return f"postgresql+psycopg://{rest}" if scheme in ("postgres", "postgresql") else url
+    if scheme in ("postgres", "postgresql"):
+        scheme = "postgresql+psycopg"
+    parts = urlsplit(f"{scheme}://{rest}")
+    query = [(k, v) for k, v in parse_qsl(parts.query) if k != "schema"] + [("schema", BOOKKEEPING_SCHEMA)]
+    return urlunsplit(parts._replace(query=urlencode(query)))
 
 
 def sql_files(folder: str) -> list[Path]:
