@@ -2,10 +2,12 @@
 every db/policies file."""
 
 from pathlib import Path
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
-from yoyo import get_backend, read_migrations
+from yoyo import read_migrations
+from yoyo.backends.core.postgresql import PostgresqlPsycopgBackend
+from yoyo.connections import parse_uri
+from yoyo.migrations import default_migration_table
 
 from shim.database import PROJECT_ROOT, connect, database_url
 
@@ -19,17 +21,35 @@ BOOKKEEPING_SCHEMA = "creditledger_migrations"
 
 
 def yoyo_url(url: str) -> str:
-    """yoyo picks its driver from the scheme (psycopg 3 is `postgresql+psycopg`) and takes its
-    schema from the `schema` parameter: its postgres backend sets the connection's search_path to
-    it, so its tables are created and read there. Our migrations qualify every name, so they are
-    unaffected (an unqualified CREATE would land in that schema, which the security-model test
-    would report)."""
+    """yoyo picks its driver from the scheme; psycopg 3 is `postgresql+psycopg`."""
     scheme, rest = url.split("://", 1)
-    if scheme in ("postgres", "postgresql"):
-        scheme = "postgresql+psycopg"
-    parts = urlsplit(f"{scheme}://{rest}")
-    query = [(k, v) for k, v in parse_qsl(parts.query) if k != "schema"] + [("schema", BOOKKEEPING_SCHEMA)]
-    return urlunsplit(parts._replace(query=urlencode(query)))
+    return f"postgresql+psycopg://{rest}" if scheme in ("postgres", "postgresql") else url
+
+
+class BookkeepingBackend(PostgresqlPsycopgBackend):
+    """yoyo's psycopg 3 backend with its four tables in BOOKKEEPING_SCHEMA.
+
+    yoyo's own `schema` URL parameter would do it with a session-level SET search_path, which
+    a transaction pooler does not keep between transactions (yoyo could then start a fresh
+    history in public half-way) and which would change how our migrations resolve names. yoyo
+    names its tables only through quote_identifier (directly or as `*_table_quoted`) and finds
+    them with list_tables, so qualifying the four names there is enough."""
+
+    def quote_identifier(self, s: str) -> str:
+        quoted = super().quote_identifier(s)
+        bookkeeping = {self.migration_table, self.log_table, self.version_table, self.lock_table}
+        return f"{super().quote_identifier(BOOKKEEPING_SCHEMA)}.{quoted}" if s in bookkeeping else quoted
+
+    def list_tables(self, **kwargs) -> list[str]:
+        cursor = self.execute(self.list_tables_sql, {"schema": BOOKKEEPING_SCHEMA})
+        return [row[0] for row in cursor.fetchall()]
+
+
+def yoyo_backend(url: str) -> BookkeepingBackend:
+    """What yoyo.get_backend builds, with our backend class."""
+    backend = BookkeepingBackend(parse_uri(yoyo_url(url)), default_migration_table)
+    backend.init_database()
+    return backend
 
 
 def sql_files(folder: str) -> list[Path]:
@@ -50,7 +70,7 @@ def apply_bootstrap(conn: psycopg.Connection) -> int:
 
 def apply_migrations(url: str) -> int:
     """Apply pending yoyo migrations; return how many ran."""
-    backend = get_backend(yoyo_url(url))
+    backend = yoyo_backend(url)
     try:
         migrations = read_migrations(str(DB_DIR / "migrations"))
         with backend.lock():

@@ -558,3 +558,24 @@ def test_every_bootstrap_file_is_applied_before_yoyo():
         "10_supabase_platform.sql",
         "20_migration_bookkeeping.sql",
     ]
+
+
+def test_yoyo_keeps_the_default_search_path_so_a_transaction_pooler_cannot_misplace_its_tables(db_url):
+    """yoyo's connection sets no session state (yoyo's own `schema` parameter would SET
+    search_path, which a transaction pooler such as Supabase's port 6543 drops between
+    transactions): its four tables are named with their schema instead, and its migrations
+    resolve names exactly as any other connection does."""
+    from shim.migrate import yoyo_backend
+
+    backend = yoyo_backend(db_url)
+    try:
+        search_path = backend.execute("SHOW search_path").fetchone()[0]
+        names = {backend.migration_table_quoted, backend.log_table_quoted, backend.lock_table_quoted}
+        names.add(backend.quote_identifier(backend.version_table))  # how yoyo reads its version
+        listed = set(backend.list_tables())
+    finally:
+        backend.connection.close()
+    with psycopg.connect(db_url) as plain:
+        assert search_path == plain.execute("SHOW search_path").fetchone()[0]
+    assert names == {f'"{BOOKKEEPING_SCHEMA}"."{t}"' for t in YOYO_TABLES}
+    assert listed == YOYO_TABLES
