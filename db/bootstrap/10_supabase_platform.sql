@@ -8,10 +8,10 @@
 -- run as `postgres`, and migrations/db/migrations/*: 20220317095840_pg_graphql,
 -- 20221103090837_revoke_admin, 20230201083204_grant_auth_roles_to_postgres,
 -- 20230529180330_alter_api_roles_for_inherit) and Supabase's "Data API" and "Using custom
--- schemas" guides. It reproduces a project with "Default privileges for new entities" on, the
--- permissive setting every project created before 2026-05-30 has until it is switched off, and
--- the supabase_admin defaults in public that a project cannot switch off: our objects must be
--- safe under the worst of them.
+-- schemas" guides. It reproduces a project with "Default privileges for new entities" on (every
+-- project had it until Supabase switched it off for new projects on 2026-05-30 and existing ones
+-- on 2026-10-30; a project may switch it back on) and the supabase_admin defaults in public that
+-- no project can switch off: our objects must be safe under the most open a project can be.
 --
 -- On a real Supabase project this file does nothing: the platform's supabase_admin exists and is
 -- not ours. We recognise our own stand-in by its comment (roles are per cluster, so a second
