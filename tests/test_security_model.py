@@ -297,7 +297,8 @@ def test_the_owner_s_new_objects_in_public_are_open_to_the_api_roles(db):
     """The stand-in reproduces Supabase's default privileges: a table the migration owner
     creates in public gets every privilege for anon, authenticated and service_role (the check
     supabase/postgres makes in migrations/tests/database/privs.sql), as do a sequence and a
-    function; in a schema of its own, none of them holds anything."""
+    function; in a schema of its own, none of them holds anything, nor in graphql_public (whose
+    default privileges are supabase_admin's only)."""
     db.execute("CREATE TABLE public.test_priv ()")
     db.execute("CREATE SEQUENCE public.test_seq")
     db.execute(
@@ -305,6 +306,7 @@ def test_the_owner_s_new_objects_in_public_are_open_to_the_api_roles(db):
     )
     db.execute("CREATE SCHEMA own")
     db.execute("CREATE TABLE own.t ()")
+    db.execute("CREATE TABLE graphql_public.t ()")
     for role in ("anon", "authenticated", "service_role"):
         row = db.execute(
             "SELECT has_schema_privilege(%(r)s, 'public', 'USAGE') AS usage,"
@@ -315,7 +317,8 @@ def test_the_owner_s_new_objects_in_public_are_open_to_the_api_roles(db):
             "              WHERE has_sequence_privilege(%(r)s, 'public.test_seq', p)) AS seq,"
             "       has_function_privilege(%(r)s, 'public.test_fn()', 'EXECUTE') AS fn,"
             "       has_schema_privilege(%(r)s, 'own', 'USAGE') AS own_usage,"
-            "       has_table_privilege(%(r)s, 'own.t', 'SELECT') AS own_select",
+            "       has_table_privilege(%(r)s, 'own.t', 'SELECT') AS own_select,"
+            "       has_table_privilege(%(r)s, 'graphql_public.t', 'SELECT') AS graphql_select",
             {"r": role, "privs": TABLE_PRIVILEGES},
         ).fetchone()
         assert row == {
@@ -326,6 +329,7 @@ def test_the_owner_s_new_objects_in_public_are_open_to_the_api_roles(db):
             "fn": True,
             "own_usage": False,
             "own_select": False,
+            "graphql_select": False,
         }, role
 
 

@@ -80,10 +80,11 @@ BEGIN
   CREATE SCHEMA IF NOT EXISTS graphql_public;
   GRANT USAGE ON SCHEMA public, extensions, graphql_public TO anon, authenticated, service_role;
 
-  -- Default privileges in public and graphql_public: ALL on every table, sequence and function
-  -- to postgres and the API roles, for objects created by postgres (the init script runs as
-  -- postgres, so its unqualified ALTER DEFAULT PRIVILEGES are postgres's) and by supabase_admin.
-  -- The role that runs `make migrate` plays postgres's part, whatever this server calls it: on
+  -- Default privileges: ALL on every table, sequence and function to postgres and the API
+  -- roles, in public for objects created by postgres (the init script runs as postgres, so its
+  -- unqualified ALTER DEFAULT PRIVILEGES are postgres's) or by supabase_admin, and in
+  -- graphql_public for supabase_admin's (the pg_graphql migration runs as supabase_admin). The
+  -- role that runs `make migrate` plays postgres's part, whatever this server calls it: on
   -- Supabase it is postgres. Changing another role's defaults needs a superuser here (as there).
   grantees := 'anon, authenticated, service_role';
   IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'postgres') THEN
@@ -97,8 +98,10 @@ BEGIN
   LOOP
     FOREACH kind IN ARRAY ARRAY['TABLES', 'SEQUENCES', 'FUNCTIONS'] LOOP
       EXECUTE pg_catalog.format(
-        'ALTER DEFAULT PRIVILEGES FOR ROLE %I IN SCHEMA public, graphql_public GRANT ALL ON %s TO %s',
-        owner_role, kind, grantees);
+        'ALTER DEFAULT PRIVILEGES FOR ROLE %I IN SCHEMA %s GRANT ALL ON %s TO %s',
+        owner_role,
+        CASE WHEN owner_role = 'supabase_admin' THEN 'public, graphql_public' ELSE 'public' END,
+        kind, grantees);
     END LOOP;
   END LOOP;
   -- Any other schema (api, billing, auth, ours) gets no Supabase defaults, only PostgreSQL's own:
