@@ -54,7 +54,7 @@ SELECT api.mark_recharge_processing(%(claim_id)s::bigint, %(payment_intent_id)s:
 
 -- name: schema_current
 -- Whether every migration in this release has been applied (for /healthz).
-SELECT count(*) AS applied FROM public._yoyo_migration WHERE migration_id = ANY(%(ids)s::text[])
+SELECT api.schema_migrations_applied(%(ids)s::text[]) AS applied
 
 -- name: reconciliation_due
 -- Whether a provider's scheduled reconciliation is due, and its lookback.

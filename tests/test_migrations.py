@@ -94,7 +94,9 @@ def data(conn) -> dict:
     return {
         "money": snapshot(conn),
         "settings": conn.execute("SELECT * FROM billing.settings").fetchall(),
-        "yoyo": conn.execute("SELECT migration_id FROM _yoyo_migration ORDER BY 1").fetchall(),
+        "yoyo": conn.execute(
+            "SELECT migration_id FROM creditledger_migrations._yoyo_migration ORDER BY 1"
+        ).fetchall(),
     }
 
 
@@ -193,7 +195,9 @@ def test_migrate_on_an_empty_database_builds_the_same_schema_twice(empty_db_url,
             ("reason", "text"),
         ]
         after_first = catalog(conn)
-        applied = conn.execute("SELECT migration_id FROM _yoyo_migration ORDER BY 1").fetchall()
+        applied = conn.execute(
+            "SELECT migration_id FROM creditledger_migrations._yoyo_migration ORDER BY 1"
+        ).fetchall()
         assert [row["migration_id"] for row in applied] == migration_files()
 
         second = migrate(empty_db_url)

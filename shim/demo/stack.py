@@ -48,8 +48,9 @@ def wait_until_up(url: str, process: subprocess.Popen, log: Path, seconds: float
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"the shim exited early:\n{log.read_text()}")
-        # Not up yet, or too busy importing to answer in time (a loaded machine): ask again.
-        with contextlib.suppress(requests.RequestException):
+        # A worker still booting accepts the connection and answers late (1.7 s measured on an
+        # idle 2-vCPU machine): a timeout means "not up yet", like a refused connection.
+        with contextlib.suppress(requests.ConnectionError, requests.Timeout):
             if requests.get(f"{url}/healthz", timeout=2).status_code == 200:
                 return
         time.sleep(0.1)
