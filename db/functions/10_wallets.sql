@@ -155,6 +155,8 @@ GRANT EXECUTE ON FUNCTION api.wallet_summary() TO authenticated;
 -- Owners and admins switch auto-recharge on or off, within the operator's bounds, and may cap
 -- what it charges per rolling 24 hours (daily_cap_minor, at most the operator's
 -- max_auto_recharge_daily_minor; null keeps the current cap, so 3-argument calls are unchanged).
+-- SECURITY DEFINER on purpose, the body being the guard (the org from the JWT only, the role
+-- checked first): README, "Why two client functions are SECURITY DEFINER".
 CREATE OR REPLACE FUNCTION api.configure_auto_recharge(
   enabled boolean, threshold_minor bigint, amount_minor bigint, daily_cap_minor bigint DEFAULT NULL)
   RETURNS api.wallet_row
