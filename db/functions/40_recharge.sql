@@ -45,6 +45,9 @@ BEGIN
   -- the last 24 hours. A claim is sized down to what the cap leaves; when that is less than
   -- the smallest top-up, none is taken and the customer is told once per episode (an episode
   -- ends when a claim is taken again, or 24 hours after it began, when the window has moved).
+  -- The floor is min_top_up_minor: above Stripe's minimum charge per currency ($0.50 in USD,
+  -- https://docs.stripe.com/currencies#minimum-and-maximum-charge-amounts), so a sized-down
+  -- PaymentIntent is never refused as too small, and no trickle of tiny charges follows.
   v_cap := LEAST(coalesce(w.auto_recharge_daily_cap_minor, s.max_auto_recharge_daily_minor),
                  s.max_auto_recharge_daily_minor);
   SELECT coalesce(sum(c.amount_minor), 0)::bigint, min(c.created_at) + interval '24 hours'
