@@ -3,7 +3,7 @@
 from flask import Flask
 from prometheus_client import CollectorRegistry
 
-from shim import http_errors, metrics, ops, topups, webhooks
+from shim import calls, http_errors, metrics, ops, topups, webhooks
 from shim.config import Config
 from shim.health import BillingHealthCollector
 from shim.pool import open_pool
@@ -28,6 +28,6 @@ def create_app(config: Config | None = None, pool=None) -> Flask:
 
     http_errors.register(app)
     metrics.install(app, registry)
-    for blueprint in (webhooks.bp, topups.bp, ops.bp):
+    for blueprint in (webhooks.bp, topups.bp, calls.bp, ops.bp):
         app.register_blueprint(blueprint)
     return app

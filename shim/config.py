@@ -22,6 +22,12 @@ class Config:
     vapi_api_key: str | None = field(default_factory=lambda: _env("VAPI_API_KEY"))
     vapi_webhook_secret: str | None = field(default_factory=lambda: _env("VAPI_WEBHOOK_SECRET"))
     vapi_api_base: str = field(default_factory=lambda: _env("VAPI_API_BASE") or "https://api.vapi.ai")
+    # Hosts (and their subdomains) whose control URLs the shim may POST end-call to.
+    vapi_control_hosts: tuple[str, ...] = field(
+        default_factory=lambda: tuple(
+            h.strip().lower() for h in (_env("VAPI_CONTROL_HOSTS") or "vapi.ai").split(",") if h.strip()
+        )
+    )
     twilio_auth_token: str | None = field(default_factory=lambda: _env("TWILIO_AUTH_TOKEN"))
     # With the auth token, the REST credentials Twilio reconciliation fetches messages with.
     twilio_account_sid: str | None = field(default_factory=lambda: _env("TWILIO_ACCOUNT_SID"))

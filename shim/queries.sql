@@ -69,3 +69,23 @@ SELECT message_sid FROM api.twilio_reconciliation_candidates(%(run_id)s::bigint)
 -- name: reconcile_twilio_message
 -- Apply the status Twilio reports for one SMS through the status callback's path.
 SELECT api.reconcile_twilio_message(%(run_id)s::bigint, %(message_sid)s::text, %(message)s::jsonb) AS result
+
+-- name: lease_call_ends
+-- Calls to end now through their control URL, each leased to this sender.
+SELECT call_id, control_url, reason, attempts FROM api.lease_call_ends(%(max_calls)s::integer, %(only_call_id)s::text)
+
+-- name: record_call_end
+-- What one end-call request answered.
+SELECT api.record_call_end(%(call_id)s::text, %(ended)s::boolean, %(error)s::text) AS state
+
+-- name: admit_call
+-- Admit an outbound call under a provisional id before Vapi creates it.
+SELECT (api.admit_call(%(org_id)s::uuid, %(call_id)s::text, %(max_minutes)s::integer)).*
+
+-- name: bind_call
+-- Re-key the admission's hold to the call id Vapi returned.
+SELECT (api.bind_call(%(org_id)s::uuid, %(admission_id)s::text, %(call_id)s::text)).*
+
+-- name: release_call
+-- Vapi refused to create the call: free its admission.
+SELECT (api.release_call(%(org_id)s::uuid, %(call_id)s::text)).*

@@ -80,3 +80,18 @@ def verify_supabase_jwt(authorization: str | None, secret: str) -> dict:
         )
     except jwt.PyJWTError as exc:
         raise BadSignature(f"JWT: {exc}") from exc
+
+
+def verify_platform_jwt(authorization: str | None, secret: str) -> dict:
+    """A Supabase token of a signed-in user (as verify_supabase_jwt) or of the service role
+    (Supabase's service key: role service_role, no audience, no subject)."""
+    if not authorization or not authorization.startswith("Bearer "):
+        raise BadSignature("missing Bearer token")
+    token = authorization.removeprefix("Bearer ").strip()
+    try:
+        claims = jwt.decode(token, secret, algorithms=["HS256"], options={"verify_aud": False})
+    except jwt.PyJWTError as exc:
+        raise BadSignature(f"JWT: {exc}") from exc
+    if claims.get("role") == "service_role":
+        return claims
+    return verify_supabase_jwt(authorization, secret)

@@ -5,8 +5,10 @@ or stored as failed for the worker); anything else makes the provider retry."""
 import hashlib
 import json
 
-from flask import Blueprint, Response, current_app, request
+import psycopg
+from flask import Blueprint, Response, current_app, jsonify, request
 
+from shim.call_control import end_due_calls
 from shim.http_errors import BadRequest, require
 from shim.queries import QUERIES
 from shim.signatures import verify_stripe, verify_twilio, verify_vapi
@@ -14,16 +16,21 @@ from shim.signatures import verify_stripe, verify_twilio, verify_vapi
 bp = Blueprint("webhooks", __name__)
 
 
-def ingest(provider: str, event_id: str, event_type: str, payload: str):
-    """Hand a verified event (`payload`: a JSON object's text) to api.ingest_webhook; its commit
-    is what the 200 promises. The outcome is relayed as the database wrote it."""
+def store(provider: str, event_id: str, event_type: str, payload: str) -> str:
+    """Hand a verified event (`payload`: a JSON object's text) to api.ingest_webhook and return
+    its outcome (JSON text); the commit is done when this returns."""
     pool = current_app.extensions["creditledger.pool"]
     with pool.connection() as conn:
-        outcome = conn.execute(
+        return conn.execute(
             QUERIES["ingest_webhook"],
             {"provider": provider, "event_id": event_id, "event_type": event_type, "payload": payload},
         ).fetchone()["outcome"]
-    return Response(outcome, status=200, mimetype="application/json")
+
+
+def ingest(provider: str, event_id: str, event_type: str, payload: str):
+    """Store and apply an event; its commit is what the 200 promises. The outcome is relayed
+    as the database wrote it."""
+    return Response(store(provider, event_id, event_type, payload), status=200, mimetype="application/json")
 
 
 def json_object(body: bytes) -> tuple[dict, str]:
@@ -51,28 +58,45 @@ def stripe_webhook():
 
 
 def vapi_event_id(message: dict, body: bytes) -> str:
-    """Vapi messages carry no id: a report is one per call, a status update one per call and
-    status; anything else is identified by its bytes (redelivered bytes are a duplicate)."""
-    call_id = (message.get("call") or {}).get("id")
-    kind = message.get("type") or "unknown"
-    if call_id and kind == "end-of-call-report":
+    """Vapi messages carry no id: a report and an assistant-request are one per call, a status
+    update one per call and status; anything else is identified by its bytes (redelivered bytes
+    are a duplicate)."""
+    call = message.get("call")
+    call_id = call.get("id") if isinstance(call, dict) else None
+    kind = message["type"]
+    if isinstance(call_id, str) and call_id and kind in ("end-of-call-report", "assistant-request"):
         return f"{kind}:{call_id}"
-    if call_id and kind == "status-update":
+    if isinstance(call_id, str) and call_id and kind == "status-update":
         return f"{kind}:{call_id}:{message.get('status')}"
     return f"{kind}:sha256:{hashlib.sha256(body).hexdigest()}"
 
 
 @bp.post("/webhooks/vapi")
 def vapi_webhook():
-    """Vapi server messages (end-of-call-report, status-update, ...)."""
-    secret = require(current_app.config["CREDITLEDGER"].vapi_webhook_secret, "VAPI_WEBHOOK_SECRET")
+    """Vapi server messages. An assistant-request (an inbound call waiting to be answered, for
+    at most 7.5 s) is answered with what SQL decided: the org's assistant and the admitted
+    maxDurationSeconds, or the sentence spoken to a refused caller. A call refused when it
+    started is ended through its control URL once its refusal is committed."""
+    config = current_app.config["CREDITLEDGER"]
+    secret = require(config.vapi_webhook_secret, "VAPI_WEBHOOK_SECRET")
     body = request.get_data()
     verify_vapi(body, request.headers, secret)
     payload, text = json_object(body)
     message = payload.get("message")
-    if not isinstance(message, dict) or not message.get("type"):
+    if not isinstance(message, dict) or not isinstance(message.get("type"), str) or not message["type"]:
         raise BadRequest("a Vapi server message has message.type")
-    return ingest("vapi", vapi_event_id(message, body), message["type"], text)
+    outcome = store("vapi", vapi_event_id(message, body), message["type"], text)
+    decided = json.loads(outcome)
+    if message["type"] == "assistant-request" and "answer" in decided:
+        return jsonify(decided["answer"])
+    if decided.get("end_call"):
+        try:
+            end_due_calls(
+                current_app.extensions["creditledger.pool"], config, only_call_id=message["call"]["id"]
+            )
+        except psycopg.Error:  # the refusal is committed: the worker ends the call instead
+            current_app.logger.exception("could not end refused call %s now", message["call"]["id"])
+    return Response(outcome, status=200, mimetype="application/json")
 
 
 @bp.post("/webhooks/twilio/sms-status")

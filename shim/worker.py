@@ -1,11 +1,13 @@
 """`make worker`: everything that must happen without a request — retrying failed webhook
-events, releasing expired holds, charging auto-recharge claims, scheduled reconciliation.
+events, ending calls their holds no longer cover, releasing expired holds, charging
+auto-recharge claims, scheduled reconciliation.
 `creditledger worker --once` does one pass of everything due and exits (for cron and tests)."""
 
 import logging
 import time
 from datetime import datetime, timedelta
 
+from shim.call_control import end_due_calls
 from shim.config import Config
 from shim.http_errors import require
 from shim.queries import QUERIES
@@ -104,6 +106,7 @@ def recharges(pool, config: Config):
 
 JOBS = {
     "webhooks_retried": retry_webhooks,
+    "calls_ended": end_due_calls,
     "holds_expired": expire_holds,
     "recharges": recharges,
     "reconciliation": reconcile_due,

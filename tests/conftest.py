@@ -109,6 +109,15 @@ SECRETS = {
 
 
 @pytest.fixture
+def pool(db_url):
+    """A connection pool on this test's database, as the worker and the shim use one."""
+    from shim.pool import open_pool
+
+    with open_pool(db_url, max_size=6) as pool:
+        yield pool
+
+
+@pytest.fixture
 def shim_config(db_url, fake_stripe):
     """The shim's configuration against this test's database, every provider configured and
     Stripe's API pointed at the fake."""

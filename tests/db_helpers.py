@@ -34,6 +34,13 @@ def open_wallet(conn, balance_minor: int = 0, debt_limit_minor: int = 0, org_id=
     return org_id
 
 
+def route_assistant(conn, org_id) -> str:
+    """A fresh Vapi assistant id routed to the org (its calls are the org's to pay)."""
+    assistant_id = f"asst-{uuid.uuid4()}"
+    conn.execute("SELECT api.set_vapi_route('assistant', %s, %s)", (assistant_id, org_id))
+    return assistant_id
+
+
 def wallet(conn, org_id) -> dict:
     """The wallet's current row, read as the superuser."""
     return conn.execute("SELECT * FROM billing.wallets WHERE org_id = %s", (org_id,)).fetchone()

@@ -7,19 +7,12 @@ import uuid
 import psycopg
 import pytest
 
-from shim.pool import open_pool
 from shim.recharge import charge_claim, process_claims
 from shim.stripe_client import make_client
 from shim.worker import run_once
 from tests.db_helpers import as_user, ledger_count, open_wallet, wallet
 
 CUSTOMER, CARD = "cus_RechargeTest01", "pm_card_visa_recharge"
-
-
-@pytest.fixture
-def pool(db_url):
-    with open_pool(db_url, max_size=4) as pool:
-        yield pool
 
 
 def recharging_org(service, db, balance=3_000, threshold=1_000, amount=2_000, card=CARD):

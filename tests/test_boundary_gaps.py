@@ -14,22 +14,13 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
-import pytest
-
 from shim.fakes import payloads
-from shim.pool import open_pool
 from shim.recharge import process_claims
 from shim.reconcile import VapiCalls, reconcile_vapi
-from tests.db_helpers import as_user, open_wallet
+from tests.db_helpers import as_user, open_wallet, route_assistant
 from tests.jwt_tokens import bearer, supabase_token
 
 NOW = datetime.now(UTC)
-
-
-@pytest.fixture
-def pool(db_url):
-    with open_pool(db_url, max_size=4) as pool:
-        yield pool
 
 
 # ---------------------------------------------------------------------------- auto-recharge
@@ -132,16 +123,17 @@ def test_one_call_that_cannot_be_charged_does_not_stop_reconciling_the_others(se
     """G-2: shim/reconcile.py reconcile_vapi + db/functions/70_reconciliation.sql
     api.reconcile_vapi_call.
 
-    An ended call whose metadata names an org with no wallet makes _money_outcome raise P0002
-    inside api.reconcile_vapi_call. Before the fix that aborted the whole run, so every call it
-    had not reached yet was never charged, for as long as that one call stayed inside the
-    lookback window. Now the error is caught in the function, recorded as an `unchargeable`
-    discrepancy, and the run charges the other calls and completes."""
+    An ended call that cannot be priced (here a startedAt that is no timestamp; before call
+    admission, a metadata org without a wallet) raises inside api.reconcile_vapi_call. Before
+    the fix that aborted the whole run, so every call it had not reached yet was never charged,
+    for as long as that one call stayed inside the lookback window. Now the error is caught in
+    the function, recorded as an `unchargeable` discrepancy, and the run charges the other calls
+    and completes."""
     org = open_wallet(service, balance_minor=10_000)
     start = NOW - timedelta(hours=3)
     good = [
         payloads.vapi_call(
-            org_id=str(org),
+            assistant_id=route_assistant(service, org),
             started_at=start + timedelta(minutes=i),
             ended_at=start + timedelta(minutes=i, seconds=60),
         )
@@ -149,8 +141,11 @@ def test_one_call_that_cannot_be_charged_does_not_stop_reconciling_the_others(se
     ]
     # Newest first (GET /call sorts by createdAt descending): the orphan is reached first.
     orphan = payloads.vapi_call(
-        org_id=str(uuid.uuid4()), started_at=NOW - timedelta(minutes=30), ended_at=NOW - timedelta(minutes=29)
+        assistant_id=route_assistant(service, org),
+        started_at=NOW - timedelta(minutes=30),
+        ended_at=NOW - timedelta(minutes=29),
     )
+    orphan["startedAt"] = "the day before yesterday"  # a value the charge cannot price
     fake_vapi.control("calls", [orphan, *good])
 
     # Today the run raises on the orphan; what matters is what it left uncharged.

@@ -27,7 +27,7 @@ from shim.cli import main
 from shim.fakes import payloads
 from shim.reconcile import parse_since
 from tests.conftest import SECRETS
-from tests.db_helpers import as_user, ledger_count, open_wallet, wallet
+from tests.db_helpers import as_user, ledger_count, open_wallet, route_assistant, wallet
 from tests.jwt_tokens import bearer, supabase_token
 from tests.senders import TWILIO_PATH, paid_checkout, post_stripe, post_twilio, post_vapi, stripe_event
 
@@ -256,7 +256,7 @@ def test_reconcile_command_charges_the_calls_the_ledger_lacks(cli_env, service, 
     start = NOW - timedelta(hours=1)
     calls = [
         payloads.vapi_call(
-            org_id=str(org),
+            assistant_id=route_assistant(service, org),
             started_at=start + timedelta(seconds=i),
             ended_at=start + timedelta(seconds=i + 60),
             updated_at=start + timedelta(seconds=i + 61),
@@ -264,7 +264,7 @@ def test_reconcile_command_charges_the_calls_the_ledger_lacks(cli_env, service, 
         for i in range(2)
     ]
     old = payloads.vapi_call(
-        org_id=str(org),
+        assistant_id=route_assistant(service, org),
         started_at=NOW - timedelta(hours=5),
         ended_at=NOW - timedelta(hours=5) + timedelta(seconds=60),
         updated_at=NOW - timedelta(hours=5) + timedelta(seconds=61),

@@ -23,7 +23,16 @@ import pytest
 from psycopg.types.json import Jsonb
 
 from shim.fakes import payloads
-from tests.db_helpers import as_user, hold_row, ledger_count, notifications, open_wallet, snapshot, wallet
+from tests.db_helpers import (
+    as_user,
+    hold_row,
+    ledger_count,
+    notifications,
+    open_wallet,
+    route_assistant,
+    snapshot,
+    wallet,
+)
 
 NOW = datetime.now(UTC)
 ACCOUNT = "AC" + "0" * 32
@@ -561,7 +570,9 @@ def test_in_progress_call_nobody_owns_is_unattributed_and_holds_nothing(service,
 @pytest.mark.parametrize("status", ["ringing", "ended", "forwarding"])
 def test_status_updates_other_than_in_progress_change_no_hold(service, db, status):
     org = open_wallet(service, balance_minor=10_000)
-    call = payloads.vapi_call(org_id=str(org), status="in-progress", started_at=NOW)
+    call = payloads.vapi_call(
+        assistant_id=route_assistant(service, org), status="in-progress", started_at=NOW
+    )
     assert vapi(service, payloads.vapi_status_update(call, "in-progress"))["result"]["status"] == "applied"
     held = wallet(db, org)["held_minor"]
     answer = vapi(service, payloads.vapi_status_update(call, status))
@@ -572,7 +583,7 @@ def test_status_updates_other_than_in_progress_change_no_hold(service, db, statu
 
 def test_status_update_without_a_status_is_ignored(service, db):
     org = open_wallet(service, balance_minor=10_000)
-    call = payloads.vapi_call(org_id=str(org), status="queued")
+    call = payloads.vapi_call(assistant_id=route_assistant(service, org), status="queued")
     answer = vapi(service, {"message": {"type": "status-update", "call": call}})
     assert answer["status"] == "ignored" and answer["note"] == "status_none"
     assert hold_row(db, call["id"]) is None
@@ -580,7 +591,9 @@ def test_status_update_without_a_status_is_ignored(service, db):
 
 def test_other_vapi_message_types_are_stored_as_unhandled(service, db):
     org = open_wallet(service, balance_minor=10_000)
-    call = payloads.vapi_call(org_id=str(org), status="in-progress", started_at=NOW)
+    call = payloads.vapi_call(
+        assistant_id=route_assistant(service, org), status="in-progress", started_at=NOW
+    )
     before = snapshot(db)
     answer = vapi(
         service, {"message": {"type": "transcript", "role": "user", "transcript": "hello", "call": call}}
@@ -696,7 +709,10 @@ def test_reconciled_call_that_has_not_ended_is_counted_not_charged(service, db):
     run = start_run(service, "vapi")
     updated = NOW - timedelta(minutes=1)
     call = payloads.vapi_call(
-        org_id=str(org), status="in-progress", started_at=NOW - timedelta(minutes=5), updated_at=updated
+        assistant_id=route_assistant(service, org),
+        status="in-progress",
+        started_at=NOW - timedelta(minutes=5),
+        updated_at=updated,
     )
     before = snapshot(db)
     answer = value(service, "SELECT api.reconcile_vapi_call(%s, %s)", (run, Jsonb(call)))

@@ -333,7 +333,6 @@ def fake_vapi():
     start = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
     calls = [
         payloads.vapi_call(
-            org_id="org_1",
             started_at=start + timedelta(minutes=i),
             ended_at=start + timedelta(minutes=i, seconds=42),
             assistant_id="asst-even" if i % 2 == 0 else "asst-odd",
@@ -452,7 +451,7 @@ def test_vapi_end_of_call_report_is_consistent_with_its_call():
     start = datetime(2025, 3, 1, 12, 0, 0, 250_000, tzinfo=UTC)
     call = payloads.vapi_call(
         call_id="call-1",
-        org_id="org_7",
+        overrides_metadata={"org_id": "org_7"},
         started_at=start,
         ended_at=start + timedelta(seconds=90),
         cost=0.37,

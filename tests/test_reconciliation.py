@@ -9,21 +9,14 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from shim.fakes import payloads
-from shim.pool import open_pool
 from shim.reconcile import VapiCalls, reconcile_stripe, reconcile_vapi
 from shim.retry import RetryableError
 from shim.stripe_client import make_client
-from tests.db_helpers import ledger_count, open_wallet, wallet
+from tests.db_helpers import ledger_count, open_wallet, route_assistant, wallet
 from tests.jwt_tokens import supabase_token
 from tests.senders import post_vapi
 
 NOW = datetime.now(UTC)
-
-
-@pytest.fixture
-def pool(db_url):
-    with open_pool(db_url, max_size=4) as pool:
-        yield pool
 
 
 @pytest.fixture
@@ -41,10 +34,11 @@ def pay(client, fake_stripe, org, amount):
     return fake_stripe.control(f"complete_session/{answer.json['session_id']}")
 
 
-def ended_calls(org, n, start=NOW - timedelta(hours=2), seconds=60):
+def ended_calls(service, org, n, start=NOW - timedelta(hours=2), seconds=60):
+    assistant_id = route_assistant(service, org)
     return [
         payloads.vapi_call(
-            org_id=str(org),
+            assistant_id=assistant_id,
             started_at=start + timedelta(seconds=i * 3),
             ended_at=start + timedelta(seconds=i * 3 + seconds),
             updated_at=start + timedelta(seconds=i * 3 + seconds + 1),
@@ -61,7 +55,7 @@ def test_a_day_with_a_fifth_of_webhooks_dropped_is_made_whole(
     for i in range(15):
         pay(client, stripe_delivers, orgs[i % 3], 1000 + i)
 
-    calls = [c for org in orgs for c in ended_calls(org, 10)]
+    calls = [c for org in orgs for c in ended_calls(service, org, 10)]
     fake_vapi.control("calls", calls)
     rng = random.Random(7)
     for call in calls:
@@ -141,7 +135,7 @@ def test_duration_mismatch_and_unattributed_calls_are_reported(
     client, service, db, pool, fake_vapi, vapi_calls
 ):
     org = open_wallet(service, balance_minor=10_000)
-    (call,) = ended_calls(org, 1, seconds=60)
+    (call,) = ended_calls(service, org, 1, seconds=60)
     report = payloads.vapi_end_of_call_report(
         call, started_at=NOW - timedelta(hours=2), ended_at=NOW - timedelta(hours=2) + timedelta(seconds=30)
     )
@@ -165,7 +159,7 @@ def test_window_of_2500_calls_is_paged_completely(service, db, pool, fake_vapi, 
     start = NOW - timedelta(hours=20)
     calls = [
         payloads.vapi_call(
-            org_id=str(org),
+            assistant_id=route_assistant(service, org),
             started_at=start + timedelta(seconds=i * 10),
             ended_at=start + timedelta(seconds=i * 10 + 6),
             updated_at=start + timedelta(seconds=i * 10 + 7),
@@ -184,7 +178,7 @@ def test_429_answers_are_retried_and_the_run_completes(
     client, service, db, pool, fake_vapi, vapi_calls, fake_stripe, shim_config
 ):
     org = open_wallet(service, balance_minor=10_000)
-    fake_vapi.control("calls", ended_calls(org, 3))
+    fake_vapi.control("calls", ended_calls(service, org, 3))
     fake_vapi.control("fail", {"count": 2, "status": 429})
     assert reconcile_vapi(pool, vapi_calls, timedelta(days=1))["recovered"] == 3
 

@@ -14,7 +14,6 @@ import requests
 from shim.cli import main
 from shim.config import Config
 from shim.fakes import payloads
-from shim.pool import open_pool
 from shim.reconcile import TwilioMessages, reconcile_twilio
 from shim.retry import RetryableError
 from shim.worker import reconcile_due, reconcile_provider
@@ -25,12 +24,6 @@ from tests.senders import post_twilio
 # A run looks back at least past sms_hold_ttl (24 h), or expired SMS fall outside its window.
 SINCE = timedelta(days=2)
 SEGMENT_MINOR = 3
-
-
-@pytest.fixture
-def pool(db_url):
-    with open_pool(db_url, max_size=6) as pool:
-        yield pool
 
 
 @pytest.fixture

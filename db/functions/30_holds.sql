@@ -22,11 +22,24 @@ BEGIN
 END
 $$;
 
--- Reserve p_amount_minor on a locked wallet unless the debt limit or a suspension forbids it.
--- A refusal is stored too, so that its retry is answered the same way.
+-- What a locked wallet can still put at risk: its balance, less what is held, down to the debt
+-- limit. The one statement of the debt limit for new holds and admissions.
+CREATE OR REPLACE FUNCTION billing._affordable_minor(w billing.wallets)
+  RETURNS bigint
+  LANGUAGE plpgsql IMMUTABLE SECURITY INVOKER SET search_path = ''
+AS $$
+BEGIN
+  RETURN w.balance_minor - w.held_minor + w.debt_limit_minor;
+END
+$$;
+
+-- Reserve p_amount_minor on a locked wallet unless a suspension, the debt limit or the caller's
+-- own refusal (p_refusal) forbids it. A refusal is stored too, so that its retry is answered
+-- the same way. A call hold may say how many seconds it pays for and who ends the call there.
 CREATE OR REPLACE FUNCTION billing._place_hold(
   w billing.wallets, p_purpose text, p_ref text, p_amount_minor bigint, p_fingerprint text,
-  p_expires_at timestamptz)
+  p_expires_at timestamptz, p_refusal text DEFAULT NULL, p_max_duration_seconds integer DEFAULT NULL,
+  p_enforced_by text DEFAULT NULL, p_control_url text DEFAULT NULL)
   RETURNS api.op_result
   LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = ''
 AS $$
@@ -36,15 +49,18 @@ DECLARE
 BEGIN
   IF w.status = 'suspended' THEN
     v_reason := 'wallet_suspended';
-  ELSIF w.balance_minor - w.held_minor - p_amount_minor < -w.debt_limit_minor THEN
+  ELSIF p_refusal IS NOT NULL THEN
+    v_reason := p_refusal;
+  ELSIF p_amount_minor > billing._affordable_minor(w) THEN
     v_reason := 'insufficient_funds';
   END IF;
 
   INSERT INTO billing.holds AS h (org_id, purpose, ref, amount_minor, status, reason, fingerprint,
-                                  expires_at, settled_at)
+                                  expires_at, settled_at, max_duration_seconds, enforced_by, control_url)
   VALUES (w.org_id, p_purpose, p_ref, p_amount_minor,
           CASE WHEN v_reason IS NULL THEN 'open' ELSE 'rejected' END, v_reason, p_fingerprint,
-          p_expires_at, CASE WHEN v_reason IS NOT NULL THEN now() END)
+          p_expires_at, CASE WHEN v_reason IS NOT NULL THEN now() END, p_max_duration_seconds,
+          p_enforced_by, p_control_url)
   ON CONFLICT DO NOTHING
   RETURNING h.id INTO v_hold_id;
   IF v_hold_id IS NULL THEN
@@ -81,6 +97,19 @@ BEGIN
                              updated_at = now()
    WHERE org_id = h.org_id;
   RETURN h.amount_minor;
+END
+$$;
+
+-- The price of a call of p_seconds: rounded up to the billing increment, then
+-- ceil(seconds x rate / 60). The one pricing rule for charges and admissions.
+CREATE OR REPLACE FUNCTION billing._call_price(
+  w billing.wallets, p_seconds integer, OUT billed_seconds integer, OUT cost_minor bigint)
+  LANGUAGE plpgsql IMMUTABLE SECURITY INVOKER SET search_path = ''
+AS $$
+BEGIN
+  billed_seconds := ((p_seconds + w.billing_increment_seconds - 1) / w.billing_increment_seconds)
+                    * w.billing_increment_seconds;
+  cost_minor := (billed_seconds::bigint * w.rate_per_minute_minor + 59) / 60;
 END
 $$;
 
@@ -143,8 +172,7 @@ $$;
 GRANT EXECUTE ON FUNCTION api.authorize_call(uuid, text, integer) TO service_role;
 
 -- The part of a call charge done under the wallet lock: find the call's hold, price the call
--- (duration rounded up to the billing increment, then ceil(seconds x rate / 60)), post it, free
--- the hold, suspend past the debt limit.
+-- (billing._call_price), post it, free the hold, suspend past the debt limit.
 CREATE OR REPLACE FUNCTION billing._charge_call(
   p_org_id uuid, p_call_id text, p_duration_seconds integer, p_details jsonb, p_ref text,
   p_fingerprint text)
@@ -166,9 +194,8 @@ BEGIN
     RETURN billing._result('conflict', w.org_id, 'other_org');
   END IF;
 
-  v_billed_seconds := ((p_duration_seconds + w.billing_increment_seconds - 1)
-                       / w.billing_increment_seconds) * w.billing_increment_seconds;
-  v_cost := (v_billed_seconds * w.rate_per_minute_minor + 59) / 60;
+  SELECT p.billed_seconds, p.cost_minor INTO v_billed_seconds, v_cost
+    FROM billing._call_price(w, p_duration_seconds) AS p;
 
   r := billing._post_entry(
     w, -v_cost, 'call_charge', p_ref, p_fingerprint, 'vapi', p_ref,

@@ -29,8 +29,9 @@ END
 $$;
 
 -- Turn a money result into an inbox outcome: a currency mismatch is stored, not applied, and
--- raised as a discrepancy; an unknown org is a failure the worker retries (the wallet may be
--- opened later); everything else is processed.
+-- raised as a discrepancy; so is a provider object another org's entry already holds (stored as
+-- 'conflict': money taken or owed that moved nowhere must reach an operator); an unknown org is
+-- a failure the worker retries (the wallet may be opened later); everything else is processed.
 CREATE OR REPLACE FUNCTION billing._money_outcome(
   p_org_id uuid, r api.op_result, p_provider text, p_ref text, p_evidence jsonb)
   RETURNS jsonb
@@ -45,6 +46,12 @@ BEGIN
     VALUES (p_provider, 'currency_mismatch', p_ref, p_org_id, p_evidence)
     ON CONFLICT DO NOTHING;
     RETURN billing._outcome('ignored', p_org_id, r, 'currency_mismatch');
+  ELSIF r.status = 'conflict' AND r.reason = 'other_org' THEN
+    INSERT INTO billing.discrepancies (provider, kind, ref, org_id, evidence)
+    VALUES (p_provider, 'other_org', p_ref, p_org_id,
+            p_evidence || pg_catalog.jsonb_build_object('result', pg_catalog.to_jsonb(r)))
+    ON CONFLICT DO NOTHING;
+    RETURN billing._outcome('conflict', p_org_id, r, 'other_org');
   END IF;
   RETURN billing._outcome('processed', p_org_id, r);
 END
@@ -273,18 +280,40 @@ BEGIN
 END
 $$;
 
--- The org of a Vapi call: assistantOverrides.metadata, then call.metadata, then the routing
--- table by assistant, then by phone number (DESIGN.md, Webhooks).
+-- The org of a Vapi call, as this server decided it: the org whose hold admitted (or refused)
+-- the call, else the routing table by assistant, then by phone number. Fields a caller can set
+-- (assistantOverrides.metadata: a browser sets it with Vapi's public key) never choose the payer.
 CREATE OR REPLACE FUNCTION billing._vapi_call_org(p_call jsonb)
   RETURNS uuid
   LANGUAGE plpgsql STABLE SECURITY INVOKER SET search_path = ''
 AS $$
 BEGIN
   RETURN coalesce(
-      billing._uuid_or_null(p_call -> 'assistantOverrides' -> 'metadata' ->> 'org_id'),
-      billing._uuid_or_null(p_call -> 'metadata' ->> 'org_id'),
+      (SELECT org_id FROM billing.holds WHERE purpose = 'call' AND ref = p_call ->> 'id'),
       (SELECT org_id FROM billing.vapi_routes WHERE kind = 'assistant' AND vapi_id = p_call ->> 'assistantId'),
       (SELECT org_id FROM billing.vapi_routes WHERE kind = 'phone_number' AND vapi_id = p_call ->> 'phoneNumberId'));
+END
+$$;
+
+-- When what the caller's metadata claims (assistantOverrides.metadata.org_id, or a metadata
+-- object on the call) is not the org this server charges, say so: an attribution_mismatch
+-- discrepancy with both orgs. The claim itself changes nothing.
+CREATE OR REPLACE FUNCTION billing._note_claimed_org(p_call jsonb, p_org_id uuid)
+  RETURNS void
+  LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = ''
+AS $$
+DECLARE
+  v_claim text := coalesce(p_call -> 'assistantOverrides' -> 'metadata' ->> 'org_id',
+                           p_call -> 'metadata' ->> 'org_id');
+BEGIN
+  IF v_claim IS NOT NULL AND v_claim IS DISTINCT FROM p_org_id::text THEN
+    INSERT INTO billing.discrepancies (provider, kind, ref, org_id, evidence)
+    VALUES ('vapi', 'attribution_mismatch', p_call ->> 'id', p_org_id,
+            pg_catalog.jsonb_build_object('charged_org_id', p_org_id, 'claimed_org_id', v_claim,
+                                          'assistant_id', p_call ->> 'assistantId',
+                                          'phone_number_id', p_call ->> 'phoneNumberId'))
+    ON CONFLICT DO NOTHING;
+  END IF;
 END
 $$;
 
@@ -300,7 +329,8 @@ BEGIN
 END
 $$;
 
--- Charge one ended Vapi call (the webhook's end-of-call report and reconciliation both come here).
+-- Charge one ended Vapi call (the webhook's end-of-call report and reconciliation both come
+-- here) to the org this server attributes it to.
 CREATE OR REPLACE FUNCTION billing._charge_vapi_call(p_call jsonb, p_started text, p_ended text, p_source text)
   RETURNS jsonb
   LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = ''
@@ -310,6 +340,7 @@ DECLARE
   v_duration integer := billing._vapi_duration_seconds(p_started, p_ended);
   r api.op_result;
 BEGIN
+  PERFORM billing._note_claimed_org(p_call, v_org);
   IF v_org IS NULL THEN
     RETURN billing._outcome('unattributed', NULL, NULL, 'no_org_for_call');
   END IF;
@@ -322,7 +353,92 @@ BEGIN
 END
 $$;
 
--- Vapi server messages: end-of-call-report charges, status-update in-progress holds.
+-- An inbox outcome for an admission, with what the shim answers Vapi (`answer`, relayed as it
+-- is): the org's assistant with maxDurationSeconds set to the admitted seconds, or the sentence
+-- Vapi speaks to a refused caller.
+CREATE OR REPLACE FUNCTION billing._admission_outcome(
+  p_org_id uuid, a api.admission, p_assistant_id text, p_note text DEFAULT NULL)
+  RETURNS jsonb
+  LANGUAGE plpgsql STABLE SECURITY INVOKER SET search_path = ''
+AS $$
+BEGIN
+  RETURN pg_catalog.jsonb_strip_nulls(pg_catalog.jsonb_build_object(
+      'status', CASE WHEN p_org_id IS NULL THEN 'unattributed' ELSE 'processed' END,
+      'org_id', p_org_id, 'note', p_note))
+    || pg_catalog.jsonb_build_object(
+      'result', pg_catalog.to_jsonb(a),
+      'answer', CASE
+        WHEN a.max_duration_seconds IS NOT NULL AND p_assistant_id IS NOT NULL THEN
+          pg_catalog.jsonb_build_object(
+            'assistantId', p_assistant_id,
+            'assistantOverrides', pg_catalog.jsonb_build_object(
+              'maxDurationSeconds', a.max_duration_seconds,
+              'metadata', pg_catalog.jsonb_build_object('org_id', p_org_id,
+                                                        'admitted_seconds', a.max_duration_seconds)))
+        ELSE pg_catalog.jsonb_build_object('error', (billing._settings()).call_refused_message)
+      END);
+END
+$$;
+
+-- Vapi's assistant-request (an inbound call, before it is answered): the org is the phone
+-- number's route, the assistant the one set for it (api.set_inbound_assistant); the call is
+-- admitted for what the wallet affords, or refused. A number without an inbound assistant is
+-- refused and stored unattributed (an alert): an operator sets its route.
+CREATE OR REPLACE FUNCTION billing._answer_assistant_request(m jsonb)
+  RETURNS jsonb
+  LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = ''
+AS $$
+DECLARE
+  v_call jsonb := m -> 'call';
+  v_number text := coalesce(m -> 'phoneNumber' ->> 'id', v_call ->> 'phoneNumberId');
+  route billing.vapi_routes;
+BEGIN
+  IF v_call ->> 'id' IS NULL THEN
+    RETURN billing._admission_outcome(NULL, ROW('rejected', NULL, NULL, NULL, 'no_call'), NULL)
+           || pg_catalog.jsonb_build_object('status', 'ignored');
+  END IF;
+  SELECT * INTO route FROM billing.vapi_routes AS r WHERE r.kind = 'phone_number' AND r.vapi_id = v_number;
+  IF route.assistant_id IS NULL THEN
+    RETURN billing._admission_outcome(
+      NULL, ROW('rejected', NULL, NULL, NULL, 'no_inbound_assistant'), NULL,
+      'no_inbound_assistant_for_' || coalesce(v_number, 'a_call_without_phone_number'));
+  END IF;
+  RETURN billing._admission_outcome(
+    route.org_id,
+    billing._admit_call(billing._lock_wallet(route.org_id), v_call ->> 'id', NULL, 'vapi',
+                        v_call -> 'monitor' ->> 'controlUrl'),
+    route.assistant_id);
+END
+$$;
+
+-- A call that started without admission (a web call, an outbound call placed elsewhere) is
+-- admitted when Vapi says it is in progress; this system ends it through its control URL when
+-- that is refused (now) or when its hold is about to run out (the worker, 36_call_ends.sql).
+CREATE OR REPLACE FUNCTION billing._admit_started_call(p_call jsonb)
+  RETURNS jsonb
+  LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = ''
+AS $$
+DECLARE
+  v_org uuid := billing._vapi_call_org(p_call);
+  a api.admission;
+BEGIN
+  PERFORM billing._note_claimed_org(p_call, v_org);
+  IF v_org IS NULL THEN
+    RETURN billing._outcome('unattributed', NULL, NULL, 'no_org_for_call');
+  END IF;
+  a := billing._admit_call(billing._lock_wallet(v_org), p_call ->> 'id', NULL, 'control_url',
+                           p_call -> 'monitor' ->> 'controlUrl');
+  IF a.status = 'rejected' THEN
+    PERFORM billing._request_call_end(v_org, p_call ->> 'id', 'refused', p_call -> 'monitor' ->> 'controlUrl');
+  END IF;
+  RETURN pg_catalog.jsonb_build_object('status', 'processed', 'org_id', v_org,
+                                       'result', pg_catalog.to_jsonb(a),
+                                       'end_call', a.status = 'rejected');
+END
+$$;
+
+-- Vapi server messages: assistant-request admits, status-update in-progress admits a call that
+-- started without admission, end-of-call-report charges.
 CREATE OR REPLACE FUNCTION billing._apply_vapi_message(p_type text, p_payload jsonb)
   RETURNS jsonb
   LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = ''
@@ -330,8 +446,10 @@ AS $$
 DECLARE
   m jsonb := coalesce(p_payload -> 'message', p_payload);
   v_call jsonb := m -> 'call';
-  v_org uuid;
 BEGIN
+  IF p_type = 'assistant-request' THEN
+    RETURN billing._answer_assistant_request(m);
+  END IF;
   IF v_call ->> 'id' IS NULL THEN
     RETURN billing._outcome('ignored', NULL, NULL, 'no_call');
   END IF;
@@ -340,12 +458,7 @@ BEGIN
       v_call, coalesce(m ->> 'startedAt', v_call ->> 'startedAt'),
       coalesce(m ->> 'endedAt', v_call ->> 'endedAt'), 'webhook');
   ELSIF p_type = 'status-update' AND m ->> 'status' = 'in-progress' THEN
-    v_org := billing._vapi_call_org(v_call);
-    IF v_org IS NULL THEN
-      RETURN billing._outcome('unattributed', NULL, NULL, 'no_org_for_call');
-    END IF;
-    RETURN billing._money_outcome(v_org, api.authorize_call(v_org, v_call ->> 'id', NULL),
-                                  'vapi', v_call ->> 'id', '{}');
+    RETURN billing._admit_started_call(v_call);
   ELSIF p_type = 'status-update' THEN
     -- 'ended' without a report is left to the report or to reconciliation; the hold expires.
     RETURN billing._outcome('ignored', NULL, NULL, 'status_' || coalesce(m ->> 'status', 'none'));
@@ -362,6 +475,7 @@ AS $$
 DECLARE
   v_sid text := coalesce(p_payload ->> 'MessageSid', p_payload ->> 'SmsSid');
   v_status text := coalesce(p_payload ->> 'MessageStatus', p_payload ->> 'SmsStatus');
+  v_org uuid;
   r api.op_result;
 BEGIN
   IF v_sid IS NULL OR v_status IS NULL THEN
@@ -370,8 +484,11 @@ BEGIN
   r := billing._settle_sms(v_sid, v_status,
          pg_catalog.jsonb_strip_nulls(pg_catalog.jsonb_build_object(
            'status', v_status, 'error_code', p_payload ->> 'ErrorCode')));
-  RETURN billing._outcome(CASE WHEN r.reason = 'unknown_status' THEN 'ignored' ELSE 'processed' END,
-                          (SELECT org_id FROM billing.holds WHERE purpose = 'sms' AND ref = v_sid), r);
+  v_org := (SELECT org_id FROM billing.holds WHERE purpose = 'sms' AND ref = v_sid);
+  IF r.reason = 'unknown_status' THEN
+    RETURN billing._outcome('ignored', v_org, r);
+  END IF;
+  RETURN billing._money_outcome(v_org, r, 'twilio', v_sid, '{}');
 END
 $$;
 
@@ -462,8 +579,11 @@ BEGIN
   SELECT * INTO ev FROM billing.webhook_events AS we
    WHERE we.provider = ingest_webhook.provider AND we.event_id = ingest_webhook.event_id;
   IF FOUND THEN
-    RETURN pg_catalog.jsonb_build_object('status', 'duplicate', 'event_status', ev.status,
-                                         'event_row_id', ev.id, 'result', ev.result -> 'result');
+    -- An assistant-request asked again gets the answer it got the first time.
+    RETURN pg_catalog.jsonb_strip_nulls(pg_catalog.jsonb_build_object(
+             'status', 'duplicate', 'event_status', ev.status, 'event_row_id', ev.id,
+             'answer', ev.result -> 'answer'))
+           || pg_catalog.jsonb_build_object('result', ev.result -> 'result');
   END IF;
 
   -- Applied first, then stored once with what it did, in this same transaction: either both
@@ -558,7 +678,7 @@ END
 $$;
 GRANT EXECUTE ON FUNCTION api.discard_webhook_event(bigint, text) TO service_role;
 
--- Route a Vapi assistant or phone number to an org (used when call metadata has no org).
+-- Route a Vapi assistant or phone number to an org: who pays for a call no admission holds.
 CREATE OR REPLACE FUNCTION api.set_vapi_route(kind text, vapi_id text, org_id uuid)
   RETURNS void
   LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = ''
@@ -573,7 +693,10 @@ BEGIN
   END IF;
   INSERT INTO billing.vapi_routes AS r (kind, vapi_id, org_id)
   VALUES (set_vapi_route.kind, set_vapi_route.vapi_id, set_vapi_route.org_id)
-  ON CONFLICT ON CONSTRAINT vapi_routes_pkey DO UPDATE SET org_id = EXCLUDED.org_id;
+  ON CONFLICT ON CONSTRAINT vapi_routes_pkey DO UPDATE
+    -- A number moved to another org must not go on answering with the old org's assistant.
+    SET org_id = EXCLUDED.org_id,
+        assistant_id = CASE WHEN r.org_id = EXCLUDED.org_id THEN r.assistant_id END;
 END
 $$;
 GRANT EXECUTE ON FUNCTION api.set_vapi_route(text, text, uuid) TO service_role;

@@ -105,7 +105,8 @@ BEGIN
   END IF;
   v_answer := api.ingest_webhook('stripe', event ->> 'id', event ->> 'type', event);
   v_outcome := billing._reconcile_outcome(v_answer);
-  IF v_outcome = 'mismatch' THEN
+  -- Another org's entry is recorded where it is met (billing._money_outcome, 'other_org').
+  IF v_outcome = 'mismatch' AND v_answer -> 'result' ->> 'reason' IS DISTINCT FROM 'other_org' THEN
     PERFORM billing._record_discrepancy(
       run_id, 'stripe', 'amount_mismatch', coalesce(o ->> 'payment_intent', o ->> 'id'),
       billing._uuid_or_null(v_answer ->> 'org_id'),

@@ -22,6 +22,11 @@ class Org:
     org_id: uuid.UUID
     card: str
 
+    @property
+    def assistant_id(self) -> str:
+        """The org's Vapi assistant: its calls are the org's to pay (the routing table)."""
+        return f"asst-{self.org_id}"
+
 
 class Day:
     """Each method is one scene; `steps` counts them for the progress bar."""
@@ -101,6 +106,7 @@ class Day:
             self.sql("SELECT api.open_wallet(%s, 'usd', 2000)", org.org_id)
             self.sql("SELECT api.set_payment_method(%s, %s, %s)", org.org_id, f"cus_{org.card[8:]}", org.card)
             self.sql("SELECT api.set_low_balance_threshold(%s, 1500)", org.org_id)
+            self.sql("SELECT api.set_vapi_route('assistant', %s, %s)", org.assistant_id, org.org_id)
         self.sql("SELECT api.set_pricing(%s, 90, 6, 2)", self.orgs[2].org_id)  # Cedar: premium voice
         self.control(
             self.stack.stripe_url, "decline", {"payment_method": self.orgs[1].card, "code": "card_declined"}
@@ -146,10 +152,10 @@ class Day:
     def call(self, org: Org, minute: int, seconds: float, *, report=True, duplicate=False, connected=True):
         """One phone call: in-progress status, then the end-of-call report."""
         start = self.morning + timedelta(minutes=minute)
-        live = payloads.vapi_call(org_id=str(org.org_id), started_at=start, status="in-progress")
+        live = payloads.vapi_call(assistant_id=org.assistant_id, started_at=start, status="in-progress")
         self.vapi(payloads.vapi_status_update(live, "in-progress"))
         ended = payloads.vapi_call(
-            org_id=str(org.org_id),
+            assistant_id=org.assistant_id,
             call_id=live["id"],
             started_at=start if connected else None,
             ended_at=start + timedelta(seconds=seconds),

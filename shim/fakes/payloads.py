@@ -23,6 +23,8 @@ from datetime import UTC, datetime, timedelta
 from stripe import WebhookSignature
 from twilio.request_validator import RequestValidator
 
+from shim.fakes.vapi_types import check_call, check_message
+
 STRIPE_API_VERSION = "2024-06-20"
 _ALNUM = string.ascii_letters + string.digits
 _VAPI_NUMBER = "+15550100200"
@@ -650,7 +652,7 @@ def _transcript(messages):
 def vapi_call(
     *,
     call_id=None,
-    org_id=None,
+    overrides_metadata=None,
     started_at=None,
     ended_at=None,
     status="ended",
@@ -666,8 +668,9 @@ def vapi_call(
 ):
     """A Vapi Call object as returned by GET /call (Vapi server SDK `Call` type).
 
-    `org_id` (our tenant) goes into assistantOverrides.metadata.org_id; `vapi_org_id` is
-    Vapi's own `orgId`. started_at/ended_at are aware datetimes; ended fields (endedAt,
+    `overrides_metadata` becomes assistantOverrides.metadata: what whoever started the call set
+    (a browser can); it never decides who pays. `vapi_org_id` is Vapi's own `orgId`.
+    started_at/ended_at are aware datetimes; ended fields (endedAt,
     endedReason, cost, artifact...) appear only when the call has ended. Without `cost`, the
     cost is derived from the duration at demo rates; the breakdown always sums to `cost`.
     """
@@ -695,16 +698,15 @@ def vapi_call(
             "listenUrl": f"wss://phone-call-websocket.vapi.test/{call_id}/listen",
             "controlUrl": f"https://phone-call-websocket.vapi.test/{call_id}/control",
         },
-        "metadata": {},
         "messages": _conversation(started_at),
         "costs": [],
     }
-    if org_id is not None:
-        call["assistantOverrides"] = {"metadata": {"org_id": org_id}}
+    if overrides_metadata is not None:
+        call["assistantOverrides"] = {"metadata": overrides_metadata}
     if started_at is not None:
         call["startedAt"] = vapi_iso(started_at)
     if not ended:
-        return call
+        return check_call(call)
 
     minutes = _duration_ms(started_at, ended_at) / 60000
     total, parts = _cost_parts(minutes, cost)
@@ -780,7 +782,7 @@ def vapi_call(
     )
     if ended_at is not None:
         call["endedAt"] = vapi_iso(ended_at)
-    return call
+    return check_call(call)
 
 
 def _parse_vapi_time(value):
@@ -852,7 +854,7 @@ def vapi_end_of_call_report(call, *, started_at=None, ended_at=None):
         message["startedAt"] = vapi_iso(started_at)
     if ended_at is not None:
         message["endedAt"] = vapi_iso(ended_at)
-    return {"message": message}
+    return check_message({"message": message})
 
 
 def vapi_status_update(call, status, *, ended_reason=None):
@@ -869,7 +871,23 @@ def vapi_status_update(call, status, *, ended_reason=None):
     }
     if status == "ended":
         message["endedReason"] = ended_reason or call.get("endedReason", "customer-ended-call")
-    return {"message": message}
+    return check_message({"message": message})
+
+
+def vapi_assistant_request(call):
+    """An `assistant-request` server message: Vapi asks which assistant answers an inbound call
+    (`call` from vapi_call with call_type="inboundPhoneCall", status "ringing"). No assistant is
+    attached yet: choosing one is what the answer does."""
+    context = _message_context(call)
+    waiting = {k: v for k, v in call.items() if k != "assistantId"}
+    message = {
+        "type": "assistant-request",
+        "timestamp": int(time.time() * 1000),
+        "call": waiting,
+        "phoneNumber": context["phoneNumber"],
+        "customer": context["customer"],
+    }
+    return check_message({"message": message})
 
 
 def vapi_hmac_headers(body_bytes, secret, timestamp=None):

@@ -1,7 +1,9 @@
-"""Fake of Vapi's call-listing API (GET /call, GET /call/:id), so the usage poller can be tested
-against the real query contract: Bearer auth, `limit` (default 100, at most 1000), the
+"""Fake of Vapi's call API (GET /call, GET /call/:id, POST /call) and of Live Call Control
+(POST {monitor.controlUrl} {"type": "end-call"}), so the usage poller and call admission can be
+tested against the real contract: Bearer auth, `limit` (default 100, at most 1000), the
 createdAt/updatedAt Gt/Lt/Ge/Le filters, `id`, `assistantId`, `phoneNumberId`, and a plain JSON
-array sorted by createdAt descending with no cursor (Vapi server SDK `ListCallsRequest`).
+array sorted by createdAt descending with no cursor (Vapi server SDK `ListCallsRequest`). The
+calls it places and the server messages they send are shim/fakes/vapi_phone.py's.
 
 Errors follow Vapi's NestJS shape: {"message", "error", "statusCode"}.
 
@@ -10,6 +12,11 @@ POST /_control/calls   [call, ...]  add or replace calls by id (build them with 
 POST /_control/fail    {"count": n, "status": 429}  next n API requests get that status
                        (429 carries `Retry-After: 0`)
 GET  /_control/stats   {"requests", "injected_failures", "unauthorized", "queries": [...]}
+POST /_control/server  {"url", "secret"}          where calls send their server messages
+POST /_control/inbound {"phone_number_id", "talk_seconds"}   an inbound call (assistant-request first)
+POST /_control/web_call {"assistant_id", "talk_seconds"|null, "metadata"?}   a browser call
+POST /_control/run/<id> {"talk_seconds"}          a call created with POST /call is answered
+POST /_control/hang_up/<id> {"seconds"}           a call held open ends now
 POST /_control/reset
 """
 
@@ -18,8 +25,11 @@ import threading
 from datetime import UTC, datetime
 
 from flask import Flask, request
+from vapi import AssistantOverrides, CreateCustomerDto
 
+from shim.fakes import payloads
 from shim.fakes.outages import Outages
+from shim.fakes.vapi_phone import Phone
 
 _DATE_FILTERS = {
     f"{field}{op}": (field, op) for field in ("createdAt", "updatedAt") for op in ("Gt", "Lt", "Ge", "Le")
@@ -94,9 +104,18 @@ def create_app(api_key):
     state = {}
     outages = Outages(default_status=429)
 
+    def record(call):
+        with lock:
+            state["calls"][call["id"]] = call
+
+    phone = Phone(record)
+
     def reset():
         """Forget calls, failure rules and counters."""
         state.update(calls={}, queries=[])
+        for known in (phone.live, phone.ended):
+            known.clear()
+        phone.end_requests.clear()
         outages.reset()
 
     reset()
@@ -109,7 +128,7 @@ def create_app(api_key):
     @app.before_request
     def gatekeeper():
         """Count, inject outages, then check the API key, for every non-control request."""
-        if request.path.startswith("/_control/"):
+        if request.path.startswith(("/_control/", "/control/")):
             return
         with lock:
             state["queries"].append(request.args.to_dict())
@@ -148,6 +167,76 @@ def create_app(api_key):
             raise _VapiError(404, "Call not found")
         return call
 
+    @app.post("/call")
+    def create_call():
+        """POST /call: an outbound call from an assistant and a phone number to a customer,
+        queued; assistantOverrides (maxDurationSeconds, metadata) are validated with the SDK."""
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict):
+            raise _VapiError(400, ["body must be an object"])
+        for name in ("assistantId", "phoneNumberId"):
+            if not isinstance(body.get(name), str):
+                raise _VapiError(400, [f"{name} must be a string"])
+        try:
+            CreateCustomerDto.model_validate(body.get("customer"))
+            overrides = AssistantOverrides.model_validate(body.get("assistantOverrides") or {})
+        except ValueError as exc:
+            raise _VapiError(400, [str(exc)]) from None
+        seconds = overrides.max_duration_seconds
+        if seconds is not None and not 10 <= seconds <= 43200:
+            raise _VapiError(
+                400, ["assistant.maxDurationSeconds must not be less than 10 or more than 43200"]
+            )
+        call = payloads.vapi_call(
+            status="queued",
+            call_type="outboundPhoneCall",
+            assistant_id=body["assistantId"],
+            phone_number_id=body["phoneNumberId"],
+            customer_number=body["customer"]["number"],
+        )
+        if body.get("assistantOverrides"):
+            call["assistantOverrides"] = body["assistantOverrides"]
+        phone.create(call)
+        record(call)
+        return call, 201
+
+    @app.post("/control/<call_id>")
+    def live_call_control(call_id):
+        """A call's control URL. Only end-call is implemented; a call no longer live is 404."""
+        body = request.get_json(silent=True) or {}
+        if body.get("type") != "end-call":
+            raise _VapiError(400, ["type must be one of the supported control messages"])
+        if not phone.end_call(call_id):
+            raise _VapiError(404, "Call not found or not in progress")
+        return {"status": "ok"}
+
+    @app.post("/_control/server")
+    def control_server():
+        """Where server messages go, and the secret they carry."""
+        body = request.get_json()
+        phone.server_url, phone.secret = body["url"], body["secret"]
+        phone.control_base = request.host_url.rstrip("/")
+        return {"server_url": phone.server_url}
+
+    @app.post("/_control/inbound")
+    def control_inbound():
+        body = request.get_json()
+        return phone.inbound(body["phone_number_id"], body["talk_seconds"])
+
+    @app.post("/_control/web_call")
+    def control_web_call():
+        body = request.get_json()
+        return phone.web_call(body["assistant_id"], body.get("talk_seconds"), body.get("metadata"))
+
+    @app.post("/_control/run/<call_id>")
+    def control_run(call_id):
+        return phone.run_queued(call_id, request.get_json()["talk_seconds"])
+
+    @app.post("/_control/hang_up/<call_id>")
+    def control_hang_up(call_id):
+        ended = phone.hang_up(call_id, request.get_json()["seconds"], "customer-ended-call")
+        return {"ended": ended is not None}
+
     @app.post("/_control/calls")
     def control_calls():
         """Add or replace calls (a JSON array of Call objects) by id."""
@@ -166,7 +255,12 @@ def create_app(api_key):
     def control_stats():
         """Request counters and every query string seen, for assertions."""
         with lock:
-            return {**outages.counters(), "queries": list(state["queries"])}
+            return {
+                **outages.counters(),
+                "queries": list(state["queries"]),
+                "end_requests": list(phone.end_requests),
+                "live": sorted(phone.live),
+            }
 
     @app.post("/_control/reset")
     def control_reset():
