@@ -7,7 +7,6 @@ import uuid
 import psycopg
 import pytest
 
-from shim.pool import open_pool
 from shim.recharge import process_claims
 from shim.stripe_client import make_client
 from tests.db_helpers import as_user, notifications, one, open_wallet, snapshot, wallet
@@ -18,12 +17,6 @@ from tests.test_concurrency import run_together
 THRESHOLD, AMOUNT = 1_000_000, 200_000
 OPERATOR_DAILY_MAX = 500_000  # billing.settings.max_auto_recharge_daily_minor's default
 CONNECTIONS = 12
-
-
-@pytest.fixture
-def pool(db_url):
-    with open_pool(db_url, max_size=4) as pool:
-        yield pool
 
 
 def capped_org(service, db, balance=10_000, daily_cap=None, threshold=THRESHOLD, amount=AMOUNT):

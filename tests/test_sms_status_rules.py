@@ -13,7 +13,7 @@ from twilio.rest.api.v2010.account.message import MessageInstance
 
 from shim.reconcile import reconcile_twilio
 from tests.db_helpers import hold_row, ledger_count, one, open_wallet, wallet
-from tests.test_reconciliation_twilio import SINCE, messages, pool, send_sms  # noqa: F401 (fixtures)
+from tests.test_reconciliation_twilio import SINCE, messages, send_sms  # noqa: F401 (fixture)
 from tests.test_sms_holds import REGISTER, sms_status
 
 # The rule per status, written here from Twilio's documentation (not read back from SQL), so a
