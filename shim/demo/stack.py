@@ -48,7 +48,8 @@ def wait_until_up(url: str, process: subprocess.Popen, log: Path, seconds: float
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"the shim exited early:\n{log.read_text()}")
-        with contextlib.suppress(requests.ConnectionError):
+        # A worker still booting (opening its pool) may accept and answer late: not up yet either.
+        with contextlib.suppress(requests.ConnectionError, requests.Timeout):
             if requests.get(f"{url}/healthz", timeout=2).status_code == 200:
                 return
         time.sleep(0.1)
