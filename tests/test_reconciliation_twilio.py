@@ -131,7 +131,7 @@ def test_failed_sms_is_not_charged_and_its_discrepancy_is_resolved(
     overdue = send_sms(service, db, org, age=timedelta(minutes=30))  # held, its callback is late
     assert wallet(db, org)["held_minor"] == SEGMENT_MINOR
     fake_twilio.control(
-        "messages", [{"sid": expired, "status": "undelivered"}, {"sid": overdue, "status": "failed"}]
+        "messages", [{"sid": expired, "status": "canceled"}, {"sid": overdue, "status": "failed"}]
     )
 
     run = reconcile_twilio(pool, messages, SINCE)
@@ -144,7 +144,7 @@ def test_failed_sms_is_not_charged_and_its_discrepancy_is_resolved(
     )
     settled = discrepancy(db, expired)
     assert settled["status"] == "resolved" and settled["resolution"].endswith(
-        "Twilio says undelivered, nothing to bill"
+        "Twilio says canceled, nothing to bill"
     )
     assert discrepancy(db, overdue) is None  # settled before its hold expired: nothing to alert on
 

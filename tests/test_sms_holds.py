@@ -146,9 +146,10 @@ def test_register_sms_refuses_invalid_input(service, db, org, sid, segments, fie
 # ---------------------------------------------------------------------------- status callbacks
 
 
-@pytest.mark.parametrize("status", ["sent", "delivered"])
+@pytest.mark.parametrize("status", ["sent", "delivered", "undelivered"])
 def test_sent_or_delivered_charges_the_held_cost(service, db, status):
-    """A sent or delivered callback charges the held cost and frees the hold."""
+    """A sent, delivered or undelivered callback (delivery attempted: Twilio bills it) charges
+    the held cost and frees the hold."""
     org = priced_wallet(service)
     one(service, REGISTER, (org, "SM1", 3))
     r = sms_status(service, "SM1", status)
@@ -158,9 +159,10 @@ def test_sent_or_delivered_charges_the_held_cost(service, db, status):
     assert hold_row(db, "SM1", "sms")["status"] == "captured"
 
 
-@pytest.mark.parametrize("status", ["failed", "undelivered", "canceled"])
+@pytest.mark.parametrize("status", ["failed", "canceled"])
 def test_failed_sms_frees_its_hold_without_charge(service, db, status):
-    """A failed, undelivered or canceled message costs nothing and frees its hold."""
+    """A failed or canceled message never left Twilio: it costs nothing and frees its hold
+    (undelivered is charged: tests/test_sms_status_rules.py)."""
     org = priced_wallet(service)
     one(service, REGISTER, (org, "SM1", 3))
     r = sms_status(service, "SM1", status)

@@ -11,7 +11,8 @@ AS $$
              w.auto_recharge_enabled, w.auto_recharge_threshold_minor,
              w.auto_recharge_amount_minor, w.auto_recharge_disabled_reason,
              w.low_balance_threshold_minor, w.stripe_payment_method_id IS NOT NULL,
-             w.version, w.updated_at)::api.wallet_row
+             w.version, w.updated_at, w.auto_recharge_daily_cap_minor,
+             w.auto_recharge_capped_at)::api.wallet_row
 $$;
 
 -- Open an org's wallet; opening it again returns it unchanged.
@@ -151,9 +152,13 @@ AS $$
 $$;
 GRANT EXECUTE ON FUNCTION api.wallet_summary() TO authenticated;
 
--- Owners and admins switch auto-recharge on or off, within the operator's bounds.
+-- Owners and admins switch auto-recharge on or off, within the operator's bounds, and may cap
+-- what it charges per rolling 24 hours (daily_cap_minor, at most the operator's
+-- max_auto_recharge_daily_minor; null keeps the current cap, so 3-argument calls are unchanged).
+-- SECURITY DEFINER on purpose, the body being the guard (the org from the JWT only, the role
+-- checked first): README, "Why two client functions are SECURITY DEFINER".
 CREATE OR REPLACE FUNCTION api.configure_auto_recharge(
-  enabled boolean, threshold_minor bigint, amount_minor bigint)
+  enabled boolean, threshold_minor bigint, amount_minor bigint, daily_cap_minor bigint DEFAULT NULL)
   RETURNS api.wallet_row
   LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = ''
 AS $$
@@ -177,6 +182,11 @@ BEGIN
     PERFORM billing._invalid('amount_minor',
       pg_catalog.format('must be between %s and %s', s.min_top_up_minor, s.max_auto_recharge_minor));
   END IF;
+  IF daily_cap_minor IS NOT NULL
+     AND daily_cap_minor NOT BETWEEN s.min_top_up_minor AND s.max_auto_recharge_daily_minor THEN
+    PERFORM billing._invalid('daily_cap_minor',
+      pg_catalog.format('must be between %s and %s', s.min_top_up_minor, s.max_auto_recharge_daily_minor));
+  END IF;
 
   -- Lock the wallet first (the fixed order of every money path), then write.
   PERFORM billing._lock_wallet(v_org);
@@ -186,6 +196,13 @@ BEGIN
          auto_recharge_amount_minor = configure_auto_recharge.amount_minor,
          auto_recharge_failures = CASE WHEN configure_auto_recharge.enabled THEN 0 ELSE wl.auto_recharge_failures END,
          auto_recharge_disabled_reason = NULL,
+         auto_recharge_daily_cap_minor = coalesce(configure_auto_recharge.daily_cap_minor,
+                                                  wl.auto_recharge_daily_cap_minor),
+         -- A new cap is a new episode: reached again, it is notified again.
+         auto_recharge_capped_at = CASE WHEN configure_auto_recharge.daily_cap_minor
+                                             IS DISTINCT FROM wl.auto_recharge_daily_cap_minor
+                                             AND configure_auto_recharge.daily_cap_minor IS NOT NULL
+                                        THEN NULL ELSE wl.auto_recharge_capped_at END,
          version = wl.version + 1, updated_at = now()
    WHERE wl.org_id = v_org
   RETURNING * INTO w;
@@ -201,7 +218,8 @@ BEGIN
   END IF;
   -- A balance already below the new threshold is recharged now, not at the next call.
   PERFORM billing._maybe_claim_recharge(v_org);
+  SELECT * INTO w FROM billing.wallets AS wl WHERE wl.org_id = v_org;
   RETURN billing._wallet_row(w);
 END
 $$;
-GRANT EXECUTE ON FUNCTION api.configure_auto_recharge(boolean, bigint, bigint) TO authenticated;
+GRANT EXECUTE ON FUNCTION api.configure_auto_recharge(boolean, bigint, bigint, bigint) TO authenticated;

@@ -329,21 +329,50 @@ END
 $$;
 GRANT EXECUTE ON FUNCTION api.register_sms(uuid, text, integer) TO service_role;
 
--- Twilio's message statuses in the order they can only move forward; terminal ones share the top.
+-- Every status of twilio-python's MessageInstance.Status: its rank (statuses only move forward;
+-- terminal ones share the top) and what it means for the held cost. The one statement of the
+-- rule: the callback (billing._settle_sms) and Twilio reconciliation (70_reconciliation.sql)
+-- both read it, and tests/test_sms_status_rules.py fails when twilio-python adds a status.
+-- Charged follows Twilio's own billing: "Twilio will charge you for a message if delivery was
+-- attempted, i.e. the message status is sent, delivered, undelivered, or delivery unknown"; a
+-- "failed" message "did not leave Twilio and you will not be charged" (Twilio support, "Will I
+-- be charged if Twilio encounters an error when sending an SMS?"). So undelivered and
+-- partially_delivered (handed to the carrier) are charged; failed and canceled (never left
+-- Twilio) free the hold; received is an inbound message, which Twilio bills as well; accepted,
+-- scheduled, queued, sending and receiving are undecided and keep the hold.
+CREATE OR REPLACE FUNCTION billing._sms_statuses()
+  RETURNS TABLE (status text, rank integer, rule text)
+  LANGUAGE sql IMMUTABLE SECURITY INVOKER SET search_path = ''
+AS $$
+  VALUES ('accepted', 1, 'in_flight'), ('scheduled', 1, 'in_flight'), ('queued', 1, 'in_flight'),
+         ('sending', 1, 'in_flight'), ('receiving', 1, 'in_flight'),
+         -- Handed to the carrier: billed, though a delivery receipt may still follow.
+         ('sent', 2, 'charged'),
+         ('delivered', 3, 'charged'), ('undelivered', 3, 'charged'),
+         ('partially_delivered', 3, 'charged'), ('read', 3, 'charged'), ('received', 3, 'charged'),
+         ('failed', 3, 'released'), ('canceled', 3, 'released')
+$$;
+
+-- The rank of a status (0 for none seen yet, null for a status Twilio does not define).
 CREATE OR REPLACE FUNCTION billing._sms_status_rank(p_status text)
   RETURNS integer
   LANGUAGE sql IMMUTABLE SECURITY INVOKER SET search_path = ''
 AS $$
-  SELECT CASE
-    WHEN p_status IS NULL THEN 0
-    WHEN p_status IN ('accepted', 'scheduled', 'queued', 'sending') THEN 1
-    WHEN p_status = 'sent' THEN 2
-    WHEN p_status IN ('delivered', 'undelivered', 'failed', 'canceled', 'read') THEN 3
-  END
+  SELECT CASE WHEN p_status IS NULL THEN 0
+              ELSE (SELECT s.rank FROM billing._sms_statuses() AS s WHERE s.status = p_status) END
 $$;
 
--- Apply one SMS status: sent/delivered charge the held cost, failed/undelivered/canceled free
--- it; a status at or below the one already seen changes nothing (callbacks arrive out of order).
+-- What a status does to the held cost: charged, released or in_flight (null when unknown).
+CREATE OR REPLACE FUNCTION billing._sms_status_rule(p_status text)
+  RETURNS text
+  LANGUAGE sql IMMUTABLE SECURITY INVOKER SET search_path = ''
+AS $$
+  SELECT s.rule FROM billing._sms_statuses() AS s WHERE s.status = p_status
+$$;
+
+-- Apply one SMS status by billing._sms_statuses(): a charged status charges the held cost, a
+-- released one frees it; a status at or below the one already seen changes nothing (callbacks
+-- arrive out of order), and once charged a message stays charged (Twilio billed the attempt).
 CREATE OR REPLACE FUNCTION billing._settle_sms(p_message_sid text, p_status text, p_details jsonb)
   RETURNS api.op_result
   LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = ''
@@ -352,6 +381,7 @@ DECLARE
   h billing.holds;
   w billing.wallets;
   v_ref text := 'twilio:message:' || p_message_sid;
+  v_rule text := billing._sms_status_rule(p_status);
   r api.op_result;
 BEGIN
   SELECT * INTO h FROM billing.holds WHERE purpose = 'sms' AND ref = p_message_sid;
@@ -360,7 +390,7 @@ BEGIN
     RAISE EXCEPTION USING ERRCODE = 'P0002',
       MESSAGE = pg_catalog.format('SMS %s is not registered', p_message_sid);
   END IF;
-  IF billing._sms_status_rank(p_status) IS NULL THEN
+  IF v_rule IS NULL THEN
     RETURN billing._result('rejected', h.org_id, 'unknown_status');
   END IF;
 
@@ -371,7 +401,7 @@ BEGIN
   END IF;
   UPDATE billing.holds SET provider_status = p_status WHERE id = h.id;
 
-  IF p_status IN ('sent', 'delivered', 'read') THEN
+  IF v_rule = 'charged' THEN
     r := billing._post_entry(
       w, -h.amount_minor, 'sms_charge', v_ref,
       billing._fingerprint(pg_catalog.jsonb_build_object('op', 'sms_charge', 'message_sid', p_message_sid)),
@@ -382,7 +412,8 @@ BEGIN
       r.reason := billing._after_balance_change(h.org_id, -h.amount_minor);
     END IF;
     RETURN r;
-  ELSIF p_status IN ('failed', 'undelivered', 'canceled') THEN
+  ELSIF v_rule = 'released' THEN
+    -- Already captured by an earlier sent: the charge stands, nothing is freed twice.
     RETURN billing._result(
       CASE WHEN billing._settle_hold(h.id, 'released') IS NOT NULL THEN 'applied' ELSE 'duplicate' END,
       h.org_id, NULL, NULL, h.amount_minor);

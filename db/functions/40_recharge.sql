@@ -2,16 +2,22 @@
 -- the worker with the claim's idempotency key, settled by whichever of the worker and the
 -- webhook reports first.
 
--- Take a claim when the org is below its threshold and none is pending or cooling down.
--- Callers hold the wallet lock; the advisory lock and the partial unique index make the rule
--- hold even for a caller that does not (DESIGN.md: never a session-level advisory lock).
+-- Take a claim when the org is below its threshold and none is pending or cooling down, within
+-- its spend cap per rolling 24 hours. Callers hold the wallet lock; the advisory lock and the
+-- partial unique index make the rule hold even for a caller that does not (DESIGN.md: never a
+-- session-level advisory lock). The cap is summed under the same lock, so concurrent debits
+-- can never together take more than it.
 CREATE OR REPLACE FUNCTION billing._maybe_claim_recharge(p_org_id uuid)
   RETURNS bigint
   LANGUAGE plpgsql VOLATILE SECURITY INVOKER SET search_path = ''
 AS $$
 DECLARE
+  s billing.settings := billing._settings();
   w billing.wallets;
   v_amount bigint;
+  v_cap bigint;
+  v_charged bigint;
+  v_frees_at timestamptz;
   v_claim_id bigint;
 BEGIN
   SELECT * INTO w FROM billing.wallets WHERE org_id = p_org_id;
@@ -33,13 +39,45 @@ BEGIN
   v_amount := LEAST(
     GREATEST(w.auto_recharge_amount_minor,
              w.auto_recharge_threshold_minor + w.auto_recharge_amount_minor - w.balance_minor),
-    (billing._settings()).max_auto_recharge_minor);
+    s.max_auto_recharge_minor);
+
+  -- The spend cap: what claims that charged or may still charge (pending, succeeded) took in
+  -- the last 24 hours. A claim is sized down to what the cap leaves; when that is less than
+  -- the smallest top-up, none is taken and the customer is told once per episode (an episode
+  -- ends when a claim is taken again, or 24 hours after it began, when the window has moved).
+  -- The floor is min_top_up_minor: above Stripe's minimum charge per currency ($0.50 in USD,
+  -- https://docs.stripe.com/currencies#minimum-and-maximum-charge-amounts), so a sized-down
+  -- PaymentIntent is never refused as too small, and no trickle of tiny charges follows.
+  v_cap := LEAST(coalesce(w.auto_recharge_daily_cap_minor, s.max_auto_recharge_daily_minor),
+                 s.max_auto_recharge_daily_minor);
+  SELECT coalesce(sum(c.amount_minor), 0)::bigint, min(c.created_at) + interval '24 hours'
+    INTO v_charged, v_frees_at
+    FROM billing.recharge_claims AS c
+   WHERE c.org_id = p_org_id AND c.status IN ('pending', 'succeeded')
+     AND c.created_at > now() - interval '24 hours';
+  IF v_cap - v_charged < v_amount THEN
+    v_amount := v_cap - v_charged;
+  END IF;
+  IF v_amount < s.min_top_up_minor THEN
+    IF w.auto_recharge_capped_at IS NULL OR w.auto_recharge_capped_at <= now() - interval '24 hours' THEN
+      UPDATE billing.wallets SET auto_recharge_capped_at = now() WHERE org_id = p_org_id;
+      INSERT INTO billing.notifications (org_id, kind, details)
+      VALUES (p_org_id, 'auto_recharge_capped',
+              pg_catalog.jsonb_build_object('daily_cap_minor', v_cap, 'charged_24h_minor', v_charged,
+                                            'balance_minor', w.balance_minor,
+                                            'earliest_next_recharge_at', v_frees_at));
+    END IF;
+    RETURN NULL;
+  END IF;
 
   INSERT INTO billing.recharge_claims AS c (org_id, amount_minor, currency, status, idempotency_key)
   VALUES (p_org_id, v_amount, w.currency, 'pending',
           'creditledger-recharge-' || pg_catalog.gen_random_uuid()::text)
   ON CONFLICT DO NOTHING
   RETURNING c.id INTO v_claim_id;
+  IF v_claim_id IS NOT NULL AND w.auto_recharge_capped_at IS NOT NULL THEN
+    UPDATE billing.wallets SET auto_recharge_capped_at = NULL WHERE org_id = p_org_id;
+  END IF;
   RETURN v_claim_id;
 END
 $$;

@@ -19,6 +19,8 @@ $$;
 -- ask again shortly), 'conflict' (this client_request_id was used for another amount), 'verify'
 -- (the session's expiry has passed with no payment seen: ask Stripe; if it says expired, call
 -- api.mark_checkout_expired and ask again, else the same session stands).
+-- SECURITY DEFINER on purpose, the body being the guard (the org from the JWT only, every query
+-- filtered on it): README, "Why two client functions are SECURITY DEFINER".
 CREATE OR REPLACE FUNCTION api.begin_checkout(amount_minor bigint, client_request_id uuid)
   RETURNS jsonb
   LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = ''

@@ -1,4 +1,5 @@
--- Notifications for the platform to deliver (low balance, recharge failures, suspension).
+-- Notifications for the platform to deliver (low balance, recharge failures, the recharge spend
+-- cap reached, suspension).
 
 -- The oldest undelivered notifications, for the platform's mailer to send.
 CREATE OR REPLACE FUNCTION api.pending_notifications(max_rows integer DEFAULT 100)

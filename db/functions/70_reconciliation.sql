@@ -275,18 +275,18 @@ BEGIN
 
   IF message ->> 'sid' IS NULL THEN
     v_outcome := 'not_found';
-  ELSIF billing._sms_status_rank(v_status) > 1 THEN
-    -- sent, delivered, read, failed, undelivered, canceled: exactly what the callback would say.
+  ELSIF billing._sms_status_rule(v_status) IN ('charged', 'released') THEN
+    -- Twilio has decided (billing._sms_statuses): exactly what the callback would say.
     v_answer := api.ingest_webhook(
       'twilio', message_sid || ':' || v_status, 'message.' || v_status,
       pg_catalog.jsonb_strip_nulls(pg_catalog.jsonb_build_object(
         'MessageSid', message_sid, 'MessageStatus', v_status, 'ErrorCode', message ->> 'error_code',
         'AccountSid', message ->> 'account_sid', 'From', message ->> 'from', 'To', message ->> 'to',
         'ApiVersion', message ->> 'api_version', 'ReconciliationRunId', reconcile_twilio_message.run_id)));
-    v_outcome := CASE WHEN v_status IN ('failed', 'undelivered', 'canceled') THEN 'not_billable'
+    v_outcome := CASE WHEN billing._sms_status_rule(v_status) = 'released' THEN 'not_billable'
                       ELSE billing._reconcile_outcome(v_answer) END;
   ELSE
-    -- queued, sending, accepted, scheduled (or a status this ledger does not know): undecided.
+    -- Still in flight (or a status this ledger does not know): undecided.
     v_outcome := 'in_flight';
   END IF;
 

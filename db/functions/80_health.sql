@@ -116,6 +116,10 @@ AS $$
              WHERE c.status = 'pending' AND c.payment_intent_id IS NOT NULL
   UNION ALL SELECT 'auto_recharge_disabled', NULL, count(*) FROM billing.wallets AS w
              WHERE w.auto_recharge_disabled_reason IS NOT NULL AND NOT w.auto_recharge_enabled
+  -- Wallets whose 24-hour auto-recharge cap refused a claim in the last 24 hours (customers are
+  -- notified; their calls are authorised against what is left until the window moves on).
+  UNION ALL SELECT 'auto_recharge_capped', NULL, count(*) FROM billing.wallets AS w
+             WHERE w.auto_recharge_enabled AND w.auto_recharge_capped_at > now() - interval '24 hours'
   UNION ALL SELECT 'wallets_suspended', NULL, count(*) FROM billing.wallets AS w WHERE w.status = 'suspended'
   UNION ALL SELECT 'wallets_below_low_balance', NULL, count(*) FROM billing.wallets AS w WHERE w.below_low_balance
   UNION ALL SELECT 'holds_open', NULL, count(*) FROM billing.holds AS h WHERE h.status = 'open'
@@ -146,7 +150,8 @@ AS $$
     ('DiscrepanciesOpen', 'open_discrepancies', 0, true),
     ('RechargeFailures', 'recharge_failures_24h', 0, true),
     ('RechargeClaimsStuck', 'recharge_pending_oldest_seconds', 1800, true),
-    ('AutoRechargeDisabled', 'auto_recharge_disabled', 0, true))
+    ('AutoRechargeDisabled', 'auto_recharge_disabled', 0, true),
+    ('AutoRechargeCapped', 'auto_recharge_capped', 0, true))
   SELECT r.alert, m.provider, m.value, r.threshold::double precision,
          CASE WHEN r.fires_above THEN m.value > r.threshold ELSE m.value < r.threshold END
     FROM rules AS r JOIN m ON m.metric = r.metric

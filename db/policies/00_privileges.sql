@@ -10,8 +10,11 @@ REVOKE ALL ON SCHEMA api FROM PUBLIC, anon;
 -- The exposed schema: callers see the functions granted to them, and the types they return.
 GRANT USAGE ON SCHEMA api TO authenticated, service_role;
 
--- Client functions run with the caller's rights (SECURITY INVOKER) so that RLS, not the
--- function body, is what keeps org A out of org B's rows.
+-- The read-only client functions run with the caller's rights (SECURITY INVOKER) so that RLS,
+-- not the function body, is what keeps org A out of org B's rows. The two that write
+-- (begin_checkout, configure_auto_recharge) are SECURITY DEFINER and guard in their bodies; the
+-- README's "Why two client functions are SECURITY DEFINER" says why no write privilege is
+-- granted here instead.
 GRANT USAGE ON SCHEMA billing TO authenticated;
 GRANT SELECT ON billing.wallets, billing.ledger_entries TO authenticated;
 GRANT EXECUTE ON FUNCTION billing._caller_org_id() TO authenticated;
