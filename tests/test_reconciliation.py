@@ -325,7 +325,7 @@ def test_a_poison_call_mid_page_is_recorded_and_the_calls_behind_it_are_charged(
     service, db, pool, fake_vapi, vapi_calls, poison
 ):
     org = open_wallet(service, balance_minor=10_000)
-    calls = ended_calls(org, 3)
+    calls = ended_calls(service, org, 3)
     calls[1]["customer"]["name"] = POISONS[poison]  # a caller's name, as Vapi records it
     fake_vapi.control("calls", calls)
 

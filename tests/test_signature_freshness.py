@@ -10,7 +10,7 @@ import pytest
 from shim.fakes import payloads
 from shim.signatures import TOLERANCE_SECONDS
 from tests.conftest import SECRETS
-from tests.db_helpers import open_wallet
+from tests.db_helpers import open_wallet, route_assistant
 from tests.senders import paid_checkout, post_stripe, stripe_event
 
 
@@ -25,7 +25,7 @@ def post_vapi_hmac(client, body: bytes, timestamp: str):
 
 def vapi_body(service) -> bytes:
     org = open_wallet(service, balance_minor=10_000)
-    call = payloads.vapi_call(org_id=str(org), status="in-progress")
+    call = payloads.vapi_call(assistant_id=route_assistant(service, org), status="in-progress")
     return json.dumps(payloads.vapi_status_update(call, "in-progress")).encode()
 
 

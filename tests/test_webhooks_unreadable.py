@@ -41,7 +41,9 @@ def stripe_body(org, case: str) -> str:
 
 
 def vapi_body(org, case: str) -> str:
-    call = payloads.vapi_call(org_id=str(org), started_at=START, ended_at=START + timedelta(seconds=60))
+    call = payloads.vapi_call(
+        assistant_id=f"asst-{org}", started_at=START, ended_at=START + timedelta(seconds=60)
+    )
     message = payloads.vapi_end_of_call_report(call)
     inner = message["message"]
     if case == "nul":
