@@ -11,13 +11,13 @@ expires rather than released; only a Vapi that refused is answered by releasing 
 import uuid
 
 import requests
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, current_app, jsonify
 
 from shim.bodies import key
 from shim.http_errors import BadRequest, require
-from shim.inputs import json_object_body, uuid_field
+from shim.inputs import caller_claims, json_object_body, uuid_field
 from shim.queries import QUERIES
-from shim.signatures import BadSignature, verify_platform_jwt
+from shim.signatures import verify_platform_jwt
 from shim.vapi_client import VapiRefused, create_call
 
 bp = Blueprint("calls", __name__)
@@ -67,11 +67,7 @@ def _query(name: str, params: dict) -> dict:
 def place_call():
     """Answer 201 {call_id, max_duration_seconds}; 402 {reason} when the wallet cannot pay."""
     config = current_app.config["CREDITLEDGER"]
-    secret = require(config.supabase_jwt_secret, "SUPABASE_JWT_SECRET")
-    try:
-        claims = verify_platform_jwt(request.headers.get("Authorization"), secret)
-    except BadSignature as exc:
-        return jsonify({"error": "unauthorized", "message": str(exc)}), 401
+    claims = caller_claims(config, verify_platform_jwt)
     call = parse_body(claims)
     require(config.vapi_api_key, "VAPI_API_KEY")
 

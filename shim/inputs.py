@@ -7,7 +7,8 @@ import uuid
 
 from flask import request
 
-from shim.http_errors import BadRequest
+from shim.http_errors import BadRequest, Unauthorized, require
+from shim.signatures import BadSignature
 
 BIGINT_MIN, BIGINT_MAX = -(2**63), 2**63 - 1
 
@@ -43,3 +44,13 @@ def uuid_field(body: dict, name: str) -> str:
         return str(uuid.UUID(value))
     except ValueError as exc:
         raise BadRequest(f"{name} must be a uuid", field=name) from exc
+
+
+def caller_claims(config, verify) -> dict:
+    """The claims of the request's Supabase token, checked by `verify` (a signed-in user, or
+    also the service role), or 401."""
+    secret = require(config.supabase_jwt_secret, "SUPABASE_JWT_SECRET")
+    try:
+        return verify(request.headers.get("Authorization"), secret)
+    except BadSignature as exc:
+        raise Unauthorized(str(exc)) from exc

@@ -7,13 +7,13 @@ import json
 import time
 
 import stripe
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, current_app, jsonify
 
 from shim.http_errors import require
-from shim.inputs import bigint_field, json_object_body, uuid_field
+from shim.inputs import bigint_field, caller_claims, json_object_body, uuid_field
 from shim.queries import QUERIES
 from shim.retry import with_connection
-from shim.signatures import BadSignature, verify_supabase_jwt
+from shim.signatures import verify_supabase_jwt
 from shim.stripe_client import make_client
 
 bp = Blueprint("topups", __name__)
@@ -94,11 +94,7 @@ def create_session(config, answer: dict):
 def create_top_up():
     """Answer {checkout_url, session_id, status: created | existing}."""
     config = current_app.config["CREDITLEDGER"]
-    secret = require(config.supabase_jwt_secret, "SUPABASE_JWT_SECRET")
-    try:
-        claims = verify_supabase_jwt(request.headers.get("Authorization"), secret)
-    except BadSignature as exc:
-        return jsonify({"error": "unauthorized", "message": str(exc)}), 401
+    claims = caller_claims(config, verify_supabase_jwt)
     amount, client_request_id = parse_body()
     require(config.stripe_api_key, "STRIPE_API_KEY")
     pool = current_app.extensions["creditledger.pool"]

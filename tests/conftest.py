@@ -98,6 +98,7 @@ def service(db_url):
 
 # ---------------------------------------------------------------------------- the shim
 
+VAPI_API_KEY = "vapi-test-api-key"
 SECRETS = {
     "stripe_webhook_secret": "whsec_test_secret",
     "vapi_webhook_secret": "vapi-test-secret",
@@ -119,12 +120,20 @@ def pool(db_url):
 
 
 @pytest.fixture
-def shim_config(db_url, fake_stripe):
-    """The shim's configuration against this test's database, every provider configured and
-    Stripe's API pointed at the fake."""
+def shim_config(db_url, fake_stripe, fake_vapi):
+    """The shim's configuration against this test's database, every provider configured,
+    Stripe's and Vapi's APIs pointed at the fakes, and the fake Vapi's loopback control URLs
+    trusted."""
     from shim.config import Config
 
-    return Config(database_url=db_url, stripe_api_base=fake_stripe.url, **SECRETS)
+    return Config(
+        database_url=db_url,
+        stripe_api_base=fake_stripe.url,
+        vapi_api_key=VAPI_API_KEY,
+        vapi_api_base=fake_vapi.url,
+        vapi_control_hosts=("127.0.0.1",),
+        **SECRETS,
+    )
 
 
 @pytest.fixture
@@ -206,7 +215,7 @@ def fake_vapi():
     from shim.fakes import vapi_api
     from shim.fakes.serve import serve_in_thread
 
-    url, stop = serve_in_thread(vapi_api.create_app("vapi-test-api-key"))
+    url, stop = serve_in_thread(vapi_api.create_app(VAPI_API_KEY))
     yield FakeProvider(url)
     stop()
 

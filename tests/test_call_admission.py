@@ -4,7 +4,6 @@ SQL's api.admit_call, then the whole protocol over HTTP: the fake Vapi places in
 outbound calls against the running shim, checks every message and answer against the official
 SDK's types, cuts admitted calls at maxDurationSeconds and ends calls on their control URL."""
 
-import dataclasses
 import uuid
 
 import psycopg
@@ -14,12 +13,10 @@ from shim.call_control import end_due_calls
 from shim.fakes import payloads
 from shim.fakes.vapi_types import check_assistant_answer
 from shim.reconcile import VapiCalls, reconcile_vapi
-from tests.conftest import SECRETS
+from tests.conftest import SECRETS, VAPI_API_KEY
 from tests.db_helpers import ledger_count, open_wallet, route_assistant, snapshot, wallet
 from tests.jwt_tokens import bearer, supabase_token
 from tests.senders import paid_checkout, post_stripe, post_vapi, stripe_event
-
-VAPI_KEY = "vapi-test-api-key"
 
 
 def admit(service, org, call_id, max_minutes=None) -> dict:
@@ -104,32 +101,11 @@ def test_admission_of_an_unknown_org_and_invalid_input(service):
 
 
 @pytest.fixture
-def vapi_config(shim_config, fake_vapi):
-    """The shim with Vapi's API at the fake, and the fake's loopback control URLs trusted."""
-    return dataclasses.replace(
-        shim_config, vapi_api_key=VAPI_KEY, vapi_api_base=fake_vapi.url, vapi_control_hosts=("127.0.0.1",)
-    )
-
-
-@pytest.fixture
-def vapi_app(vapi_config):
-    from shim.app import create_app
-    from shim.pool import open_pool
-
-    pool = open_pool(vapi_config.database_url, max_size=20)
-    pool.open(wait=True)
-    try:
-        yield create_app(vapi_config, pool=pool)
-    finally:
-        pool.close()
-
-
-@pytest.fixture
-def phone(vapi_app, fake_vapi):
+def phone(shim_app, fake_vapi):
     """The fake Vapi placing calls against the shim served on loopback."""
     from shim.fakes.serve import serve_in_thread
 
-    url, stop = serve_in_thread(vapi_app)
+    url, stop = serve_in_thread(shim_app)
     fake_vapi.control("server", {"url": f"{url}/webhooks/vapi", "secret": SECRETS["vapi_webhook_secret"]})
     yield fake_vapi
     stop()
@@ -273,7 +249,7 @@ def test_a_call_report_meeting_another_orgs_entry_is_stored_as_a_conflict(client
 
 
 def test_a_web_call_the_wallet_cannot_pay_is_ended_through_its_control_url_once(
-    phone, vapi_app, vapi_config, service, db
+    phone, shim_app, shim_config, service, db
 ):
     org = open_wallet(service, balance_minor=50)  # less than the minimum call
     assistant = route_assistant(service, org)
@@ -283,24 +259,24 @@ def test_a_web_call_the_wallet_cannot_pay_is_ended_through_its_control_url_once(
     request = db.execute("SELECT * FROM billing.call_end_requests").fetchone()
     assert (request["status"], request["attempts"], request["reason"]) == ("ended", 1, "refused")
     # The worker's next pass finds nothing more to end.
-    assert end_due_calls(vapi_app.extensions["creditledger.pool"], vapi_config) == {}
+    assert end_due_calls(shim_app.extensions["creditledger.pool"], shim_config) == {}
     assert phone.stats()["end_requests"] == [call["call_id"]]
 
 
-def test_a_web_call_about_to_outrun_its_hold_is_ended_by_the_worker(phone, pool, vapi_config, service, db):
+def test_a_web_call_about_to_outrun_its_hold_is_ended_by_the_worker(phone, pool, shim_config, service, db):
     org = open_wallet(service, balance_minor=700)
     call = phone.control("web_call", {"assistant_id": route_assistant(service, org), "talk_seconds": None})
     hold = db.execute("SELECT * FROM billing.holds WHERE ref = %s", (call["call_id"],)).fetchone()
     assert (hold["max_duration_seconds"], hold["enforced_by"]) == (600, "control_url")
-    assert end_due_calls(pool, vapi_config) == {}  # nine minutes and more to go
+    assert end_due_calls(pool, shim_config) == {}  # nine minutes and more to go
     backdate = "UPDATE billing.holds SET created_at = now() - interval '590 seconds' WHERE id = %s"
     db.execute(backdate, (hold["id"],))
-    assert end_due_calls(pool, vapi_config) == {"ended": 1}
-    assert end_due_calls(pool, vapi_config) == {}
+    assert end_due_calls(pool, shim_config) == {"ended": 1}
+    assert end_due_calls(pool, shim_config) == {}
     assert phone.stats()["end_requests"] == [call["call_id"]]
 
 
-def test_an_untrusted_control_url_is_never_called_and_ends_alerted(pool, vapi_config, service, db):
+def test_an_untrusted_control_url_is_never_called_and_ends_alerted(pool, shim_config, service, db):
     org = open_wallet(service, balance_minor=50)
     call = payloads.vapi_call(
         assistant_id=route_assistant(service, org),
@@ -316,7 +292,7 @@ def test_an_untrusted_control_url_is_never_called_and_ends_alerted(pool, vapi_co
     outcomes = []
     for _ in range(5):
         db.execute("UPDATE billing.call_end_requests SET next_attempt_at = now()")
-        outcomes.append(end_due_calls(pool, vapi_config))
+        outcomes.append(end_due_calls(pool, shim_config))
     assert outcomes == [{"pending": 1}] * 4 + [{"failed": 1}]
     request = db.execute("SELECT * FROM billing.call_end_requests").fetchone()
     assert "not one of VAPI_CONTROL_HOSTS" in request["last_error"]
@@ -350,9 +326,9 @@ def outbound(org, **extra):
     }
 
 
-def test_an_outbound_call_is_admitted_created_with_its_cap_and_bound(phone, vapi_app, service, db):
+def test_an_outbound_call_is_admitted_created_with_its_cap_and_bound(phone, shim_app, service, db):
     org = open_wallet(service, balance_minor=700)
-    client = vapi_app.test_client()
+    client = shim_app.test_client()
     answer = place(client, outbound(org))
     assert answer.status_code == 201
     assert answer.json["max_duration_seconds"] == 600
@@ -365,9 +341,9 @@ def test_an_outbound_call_is_admitted_created_with_its_cap_and_bound(phone, vapi
     assert created["unauthorized"] == 0
 
 
-def test_a_user_places_calls_for_its_own_org_only(vapi_app, phone, service, db):
+def test_a_user_places_calls_for_its_own_org_only(shim_app, phone, service, db):
     org = open_wallet(service, balance_minor=700)
-    client = vapi_app.test_client()
+    client = shim_app.test_client()
     body = outbound(org)
     del body["org_id"]
     assert place(client, body, supabase_token(org)).status_code == 201
@@ -376,31 +352,31 @@ def test_a_user_places_calls_for_its_own_org_only(vapi_app, phone, service, db):
     assert wallet(db, other)["held_minor"] == 0
 
 
-def test_a_refused_outbound_call_holds_nothing_and_calls_nobody(vapi_app, phone, service, db):
+def test_a_refused_outbound_call_holds_nothing_and_calls_nobody(shim_app, phone, service, db):
     org = open_wallet(service, balance_minor=10)
-    answer = place(vapi_app.test_client(), outbound(org))
+    answer = place(shim_app.test_client(), outbound(org))
     assert (answer.status_code, answer.json["reason"]) == (402, "insufficient_funds")
     assert wallet(db, org)["held_minor"] == 0
     assert phone.stats()["requests"] == 0
 
 
-def test_vapi_refusing_the_call_releases_its_admission(vapi_app, phone, service, db):
+def test_vapi_refusing_the_call_releases_its_admission(shim_app, phone, service, db):
     org = open_wallet(service, balance_minor=700)
     phone.control("fail", {"count": 1, "status": 500})
-    answer = place(vapi_app.test_client(), outbound(org))
+    answer = place(shim_app.test_client(), outbound(org))
     assert answer.status_code == 503
     assert wallet(db, org)["held_minor"] == 0
 
 
 def test_a_crash_before_binding_charges_once_and_the_orphan_admission_expires(
-    vapi_config, phone, service, db
+    shim_config, phone, service, db
 ):
     from vapi import Vapi
 
     org = open_wallet(service, balance_minor=1400)
     service.execute("SELECT api.set_vapi_route('assistant', 'asst-reminders', %s)", (org,))
     admission = admit(service, org, "admission:crashed", 10)
-    created = Vapi(token=VAPI_KEY, base_url=vapi_config.vapi_api_base).calls.create(
+    created = Vapi(token=VAPI_API_KEY, base_url=shim_config.vapi_api_base).calls.create(
         assistant_id="asst-reminders",
         phone_number_id="pn-out",
         customer={"number": "+15555550100"},
@@ -448,7 +424,7 @@ def test_reconciliation_records_a_call_another_org_was_charged_for(pool, service
     )
     service.execute("SELECT api.deduct_call_credits(%s, %s, 60)", (b, call["id"]))
     fake_vapi.control("calls", [call])
-    run = reconcile_vapi(pool, VapiCalls(fake_vapi.url, VAPI_KEY), payloads.timedelta(hours=2))
+    run = reconcile_vapi(pool, VapiCalls(fake_vapi.url, VAPI_API_KEY), payloads.timedelta(hours=2))
     assert run["status"] == "completed"
     (conflict,) = discrepancies(db, "other_org")
     assert (conflict["provider"], conflict["ref"], conflict["org_id"]) == ("vapi", call["id"], a)

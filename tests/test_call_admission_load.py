@@ -11,19 +11,18 @@ import pytest
 import requests
 
 from shim.fakes import payloads
-from tests.conftest import SECRETS
+from tests.conftest import SECRETS, VAPI_API_KEY
 from tests.db_helpers import open_wallet, wallet
 from tests.gunicorn_server import running_gunicorn
 
 CALLS = 50
 RATE = 70  # per minute
-VAPI_KEY = "vapi-test-api-key"
 
 
 @pytest.fixture
 def vapi_gunicorn(db_url, tmp_path, fake_vapi):
     """gunicorn with Vapi's API at the fake; the fake's calls report to it."""
-    env = {"VAPI_API_KEY": VAPI_KEY, "VAPI_API_BASE": fake_vapi.url, "VAPI_CONTROL_HOSTS": "127.0.0.1"}
+    env = {"VAPI_API_KEY": VAPI_API_KEY, "VAPI_API_BASE": fake_vapi.url, "VAPI_CONTROL_HOSTS": "127.0.0.1"}
     with running_gunicorn(db_url, tmp_path, env, workers=2, threads=8) as url:
         fake_vapi.control("server", {"url": f"{url}/webhooks/vapi", "secret": SECRETS["vapi_webhook_secret"]})
         yield url
@@ -49,7 +48,7 @@ def redeliver_reports(url: str, fake_vapi) -> set[int]:
     listed = requests.get(
         f"{fake_vapi.url}/call",
         params={"limit": 1000},
-        headers={"Authorization": f"Bearer {VAPI_KEY}"},
+        headers={"Authorization": f"Bearer {VAPI_API_KEY}"},
         timeout=30,
     )
     for call in listed.json():

@@ -8,7 +8,6 @@ each endpoint's walk by the db_url fixture.
 To walk a new endpoint, append an Endpoint to ENDPOINTS: how its caller sends a body, a valid
 body to corrupt, and the fields the endpoint reads."""
 
-import dataclasses
 import json
 import time
 import uuid
@@ -451,12 +450,6 @@ def setup(service):
     number = f"pn-{org}"
     service.execute("SELECT api.set_inbound_assistant(%s, %s, 'asst-front-desk')", (org, number))
     return {"org": org, "sms": sms, "assistant": route_assistant(service, org), "number": number}
-
-
-@pytest.fixture
-def shim_config(shim_config, fake_vapi):
-    """The walked shim also places calls, at the fake Vapi."""
-    return dataclasses.replace(shim_config, vapi_api_key="vapi-test-api-key", vapi_api_base=fake_vapi.url)
 
 
 def walk(client, endpoint: Endpoint, setup: dict, requests) -> None:
