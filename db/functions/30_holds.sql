@@ -100,16 +100,25 @@ BEGIN
 END
 $$;
 
--- The price of a call of p_seconds: rounded up to the billing increment, then
--- ceil(seconds x rate / 60). The one pricing rule for charges and admissions.
-CREATE OR REPLACE FUNCTION billing._call_price(
-  w billing.wallets, p_seconds integer, OUT billed_seconds integer, OUT cost_minor bigint)
+-- The pricing rule of calls, for charges and admissions alike: the duration rounded up to the
+-- billing increment, then ceil(seconds x rate / 60). Two scalar functions rather than one with
+-- OUT parameters: called in an expression they cost no query of their own on the hot path.
+CREATE OR REPLACE FUNCTION billing._billed_seconds(w billing.wallets, p_seconds integer)
+  RETURNS integer
   LANGUAGE plpgsql IMMUTABLE SECURITY INVOKER SET search_path = ''
 AS $$
 BEGIN
-  billed_seconds := ((p_seconds + w.billing_increment_seconds - 1) / w.billing_increment_seconds)
-                    * w.billing_increment_seconds;
-  cost_minor := (billed_seconds::bigint * w.rate_per_minute_minor + 59) / 60;
+  RETURN ((p_seconds + w.billing_increment_seconds - 1) / w.billing_increment_seconds)
+         * w.billing_increment_seconds;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION billing._call_cost(w billing.wallets, p_billed_seconds integer)
+  RETURNS bigint
+  LANGUAGE plpgsql IMMUTABLE SECURITY INVOKER SET search_path = ''
+AS $$
+BEGIN
+  RETURN (p_billed_seconds::bigint * w.rate_per_minute_minor + 59) / 60;
 END
 $$;
 
@@ -172,7 +181,7 @@ $$;
 GRANT EXECUTE ON FUNCTION api.authorize_call(uuid, text, integer) TO service_role;
 
 -- The part of a call charge done under the wallet lock: find the call's hold, price the call
--- (billing._call_price), post it, free the hold, suspend past the debt limit.
+-- (billing._billed_seconds, billing._call_cost), post it, free the hold, suspend past the debt limit.
 CREATE OR REPLACE FUNCTION billing._charge_call(
   p_org_id uuid, p_call_id text, p_duration_seconds integer, p_details jsonb, p_ref text,
   p_fingerprint text)
@@ -194,8 +203,8 @@ BEGIN
     RETURN billing._result('conflict', w.org_id, 'other_org');
   END IF;
 
-  SELECT p.billed_seconds, p.cost_minor INTO v_billed_seconds, v_cost
-    FROM billing._call_price(w, p_duration_seconds) AS p;
+  v_billed_seconds := billing._billed_seconds(w, p_duration_seconds);
+  v_cost := billing._call_cost(w, v_billed_seconds);
 
   r := billing._post_entry(
     w, -v_cost, 'call_charge', p_ref, p_fingerprint, 'vapi', p_ref,

@@ -43,12 +43,12 @@ BEGIN
   IF w.rate_per_minute_minor = 0 THEN
     v_seconds := v_cap;
   ELSE
-    -- The most whole increments whose price (billing._call_price) the wallet can still afford.
+    -- The most whole increments whose price (billing._call_cost) the wallet can still afford.
     v_seconds := LEAST(v_cap, pg_catalog.floor(
         GREATEST(billing._affordable_minor(w), 0)::numeric * 60 / w.rate_per_minute_minor
         / w.billing_increment_seconds)::bigint * w.billing_increment_seconds)::integer;
   END IF;
-  SELECT p.cost_minor INTO v_cost FROM billing._call_price(w, v_seconds) AS p;
+  v_cost := billing._call_cost(w, billing._billed_seconds(w, v_seconds));
 
   r := billing._place_hold(
     w, 'call', p_call_id, v_cost,
