@@ -429,3 +429,83 @@ def test_reconciliation_records_a_call_another_org_was_charged_for(pool, service
     (conflict,) = discrepancies(db, "other_org")
     assert (conflict["provider"], conflict["ref"], conflict["org_id"]) == ("vapi", call["id"], a)
     assert wallet(db, a)["balance_minor"] == 10_000
+
+
+# ---------------------------------------------------------------------------- edges of the SQL
+
+
+def test_binding_an_admission_is_idempotent_and_refuses_what_it_cannot_bind(service, db):
+    a = open_wallet(service, balance_minor=700)
+    b = open_wallet(service, balance_minor=700)
+    admit(service, a, "admission:1", 2)
+    bind = "SELECT * FROM api.bind_call(%s, %s, %s)"
+    first = service.execute(bind, (a, "admission:1", "call-1")).fetchone()
+    assert (first["status"], first["max_duration_seconds"]) == ("applied", 120)
+    assert service.execute(bind, (a, "admission:1", "call-1")).fetchone()["status"] == "duplicate"
+    assert service.execute(bind, (b, "admission:2", "call-1")).fetchone()["reason"] == "other_org"
+    assert service.execute(bind, (a, "admission:none", "call-2")).fetchone()["reason"] == "unknown_admission"
+    assert (
+        service.execute(bind, (uuid.uuid4(), "admission:1", "call-3")).fetchone()["reason"] == "unknown_org"
+    )
+    assert db.execute("SELECT ref FROM billing.holds WHERE org_id = %s", (a,)).fetchone()["ref"] == "call-1"
+
+
+def test_routing_and_call_length_settings_refuse_bad_input(service):
+    org = open_wallet(service)
+    cases = [
+        ("SELECT api.set_inbound_assistant(%s, 'pn-1', 'asst-1')", (uuid.uuid4(),), "org_id"),
+        ("SELECT api.set_inbound_assistant(%s, '', 'asst-1')", (org,), "phone_number_id"),
+        ("SELECT api.set_inbound_assistant(%s, 'pn-1', NULL)", (org,), "assistant_id"),
+        ("SELECT api.set_max_call_minutes(%s, 0)", (org,), "max_minutes"),
+        ("SELECT api.set_max_call_minutes(%s, 60)", (uuid.uuid4(),), "org_id"),
+        ("SELECT * FROM api.lease_call_ends(0)", (), "max_calls"),
+        ("SELECT api.record_call_end('never-asked', true)", (), "call_id"),
+        ("SELECT api.record_call_end('c', NULL)", (), "ended"),
+    ]
+    for query, args, field in cases:
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match=field):
+            service.execute(query, args)
+    assert (
+        service.execute("SELECT * FROM api.set_max_call_minutes(%s, NULL)", (org,)).fetchone()["org_id"]
+        == org
+    )
+
+
+def test_a_number_moved_by_its_route_loses_the_old_orgs_assistant(service, db):
+    a = open_wallet(service)
+    b = open_wallet(service)
+    service.execute("SELECT api.set_inbound_assistant(%s, 'pn-1', 'asst-a')", (a,))
+    service.execute("SELECT api.set_vapi_route('phone_number', 'pn-1', %s)", (a,))
+    assert db.execute("SELECT assistant_id FROM billing.vapi_routes").fetchone()["assistant_id"] == "asst-a"
+    service.execute("SELECT api.set_vapi_route('phone_number', 'pn-1', %s)", (b,))
+    route = db.execute("SELECT org_id, assistant_id FROM billing.vapi_routes").fetchone()
+    assert (route["org_id"], route["assistant_id"]) == (b, None)
+
+
+def test_a_refused_call_without_a_control_url_fails_alerted_and_a_reported_one_needs_no_end(
+    pool, shim_config, service, db
+):
+    org = open_wallet(service, balance_minor=50)
+    assistant = route_assistant(service, org)
+    now = payloads.datetime.now(payloads.UTC)
+    blind = payloads.vapi_call(
+        assistant_id=assistant, status="in-progress", started_at=now, call_type="webCall"
+    )
+    del blind["monitor"]
+    reported = payloads.vapi_call(
+        assistant_id=assistant, status="in-progress", started_at=now, call_type="webCall"
+    )
+    for call in (blind, reported):
+        service.execute(
+            "SELECT api.ingest_webhook('vapi', %s, 'status-update', %s)",
+            (f"su-{call['id']}", psycopg.types.json.Jsonb(payloads.vapi_status_update(call, "in-progress"))),
+        )
+    service.execute("SELECT api.deduct_call_credits(%s, %s, 3)", (org, reported["id"]))
+    assert end_due_calls(pool, shim_config) == {}
+    states = {r["call_id"]: r["status"] for r in db.execute("SELECT * FROM billing.call_end_requests")}
+    assert states == {blind["id"]: "failed", reported["id"]: "ended"}
+    assert discrepancies(db, "call_not_ended")[0]["ref"] == blind["id"]
+    assert (
+        service.execute("SELECT api.record_call_end(%s, true)", (blind["id"],)).fetchone()["record_call_end"]
+        == "failed"
+    )  # a finished request stays as it ended
