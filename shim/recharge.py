@@ -33,25 +33,23 @@ CLOCK_SKEW = timedelta(minutes=5)
 
 def earlier_intent(client: stripe.StripeClient, claim: dict):
     """The PaymentIntent an earlier attempt of this claim created, or None (always None on the
-    first attempt). Listed, not searched: the list API is read-after-write consistent, where
-    search may lag (https://docs.stripe.com/search#data-freshness)."""
+    first attempt), looked for under every customer the claim was sent under (the wallet's
+    customer may have changed since). Listed, not searched: the list API is read-after-write
+    consistent, where search may lag (https://docs.stripe.com/search#data-freshness)."""
     if claim["attempts"] <= 1:
         return None
-    page = client.v1.payment_intents.list(
-        params={
-            "customer": claim["stripe_customer_id"],
-            "created": {"gte": int((claim["created_at"] - CLOCK_SKEW).timestamp())},
-            "limit": 100,
-        }
-    )
-    return next(
-        (
-            intent
-            for intent in page.auto_paging_iter()
-            if intent.metadata.to_dict().get("recharge_claim_id") == str(claim["claim_id"])
-        ),
-        None,
-    )
+    for customer in claim["sent_to_customers"]:
+        page = client.v1.payment_intents.list(
+            params={
+                "customer": customer,
+                "created": {"gte": int((claim["created_at"] - CLOCK_SKEW).timestamp())},
+                "limit": 100,
+            }
+        )
+        for intent in page.auto_paging_iter():
+            if intent.metadata.to_dict().get("recharge_claim_id") == str(claim["claim_id"]):
+                return intent
+    return None
 
 
 def charge_claim(client: stripe.StripeClient, claim: dict) -> dict:

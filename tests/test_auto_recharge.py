@@ -152,6 +152,27 @@ def test_crash_after_stripe_accepted_does_not_charge_twice(
     assert ledger_count(db, org) == 3  # seed credit, the call, one recharge
 
 
+def test_a_claim_resent_after_the_customer_changed_finds_its_first_payment_intent(
+    service, db, shim_config, fake_stripe, pool
+):
+    """Issue 13, item 2: Stripe's answer is lost, then the wallet's Stripe customer is changed and
+    Stripe prunes the claim's idempotency key. The retry looked for the earlier PaymentIntent under
+    the *current* customer only, found none, and charged a second card for the same claim. Every
+    customer a claim was sent under is searched now."""
+    org = recharging_org(service, db)
+    charge_call(service, org, 60 * 30)
+    first = sent_but_not_recorded(pool, shim_config)
+    service.execute("SELECT * FROM api.set_payment_method(%s, 'cus_ReplacedLater02', %s)", (org, CARD))
+    fake_stripe.control("prune_idempotency_keys")
+
+    assert process_claims(pool, make_client(shim_config))["succeeded"] == 1
+    assert intents_created(fake_stripe) == 1
+    (claim,) = claims(db, org)
+    assert claim["payment_intent_id"] == first["payment_intent_id"]
+    assert claim["sent_to_customers"] == [CUSTOMER, "cus_ReplacedLater02"]
+    assert ledger_count(db, org) == 3  # seed credit, the call, one recharge
+
+
 def test_unrecorded_decline_found_on_retry_fails_the_claim_without_charging_again(
     service, db, shim_config, fake_stripe, pool
 ):

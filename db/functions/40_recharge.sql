@@ -85,12 +85,14 @@ $$;
 -- Hand due claims to the worker: each leased for a short while so that a crashed worker's
 -- claim is picked up again, with the same idempotency key (Stripe then replays, never recharges).
 -- attempts counts this lease; created_at bounds the worker's search for a PaymentIntent that an
--- earlier attempt created but never recorded (shim/recharge.py earlier_intent).
+-- earlier attempt created but never recorded (shim/recharge.py earlier_intent), and
+-- sent_to_customers says under which customers to search: every one the claim was leased for,
+-- this lease's included (the wallet's customer may change between attempts).
 CREATE OR REPLACE FUNCTION api.lease_recharge_claims(max_claims integer DEFAULT 10)
   RETURNS TABLE (
     claim_id bigint, org_id uuid, amount_minor bigint, currency text, idempotency_key text,
     stripe_customer_id text, stripe_payment_method_id text, attempts integer,
-    created_at timestamptz)
+    created_at timestamptz, sent_to_customers text[])
   LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = ''
 AS $$
 BEGIN
@@ -115,11 +117,16 @@ BEGIN
        LIMIT max_claims
        FOR UPDATE SKIP LOCKED)
     UPDATE billing.recharge_claims AS c
-       SET leased_until = now() + (billing._settings()).recharge_lease, attempts = c.attempts + 1
+       SET leased_until = now() + (billing._settings()).recharge_lease, attempts = c.attempts + 1,
+           sent_to_customers = CASE
+             WHEN w.stripe_customer_id IS NULL OR w.stripe_customer_id = ANY (c.sent_to_customers)
+               THEN c.sent_to_customers
+             ELSE c.sent_to_customers || w.stripe_customer_id END
       FROM due, billing.wallets AS w
      WHERE c.id = due.id AND w.org_id = c.org_id
     RETURNING c.id, c.org_id, c.amount_minor, c.currency, c.idempotency_key,
-              w.stripe_customer_id, w.stripe_payment_method_id, c.attempts, c.created_at;
+              w.stripe_customer_id, w.stripe_payment_method_id, c.attempts, c.created_at,
+              c.sent_to_customers;
 END
 $$;
 GRANT EXECUTE ON FUNCTION api.lease_recharge_claims(integer) TO service_role;
