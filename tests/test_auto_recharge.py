@@ -273,3 +273,29 @@ def test_customer_switching_off_during_a_deferred_attempt_withdraws_it_at_next_l
         "SELECT value FROM api.health_metrics() WHERE metric = 'recharge_failures_24h'"
     ).fetchone()["value"]
     assert recharge_failures == 0  # withdrawn by the customer is not a failure
+
+
+def test_a_silent_stripe_is_given_up_within_the_timeout_and_the_claim_waits(
+    service, db, shim_config, pool, monkeypatch
+):
+    """Issue 13, item 3: stripe-python's default 80 s per request held the worker's whole pass.
+    A Stripe that accepts the connection and never answers is given up after the client's
+    timeout (shortened here), every retry included, and the claim is left for its next lease."""
+    import socket
+    import time
+
+    from shim import stripe_client
+
+    listener = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
+    monkeypatch.setattr(stripe_client, "STRIPE_TIMEOUT_SECONDS", (0.5, 0.5))
+    silent = dataclasses.replace(shim_config, stripe_api_base=f"http://127.0.0.1:{listener.getsockname()[1]}")
+    org = recharging_org(service, db)
+    charge_call(service, org, 60 * 30)
+    started = time.monotonic()
+    report = process_claims(pool, make_client(silent, max_network_retries=1))
+    elapsed = time.monotonic() - started
+    listener.close()
+    assert elapsed < 10  # two tries of 0.5 s and the client's backoff; 80 s each before
+    assert report["deferred"] == 1, report
+    (claim,) = claims(db, org)
+    assert (claim["status"], claim["payment_intent_id"]) == ("pending", None)
