@@ -22,4 +22,7 @@ def open_pool(url: str | None = None, max_size: int = 10) -> ConnectionPool:
         kwargs={"autocommit": True, "prepare_threshold": None, "row_factory": dict_row},
         open=False,
         name="creditledger",
+        # A connection whose server went away (a restart, pg_terminate_backend) is found at
+        # checkout and replaced, instead of being handed to one request per dead backend.
+        check=ConnectionPool.check_connection,
     )

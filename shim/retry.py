@@ -49,12 +49,27 @@ ROLLED_BACK = (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetec
 
 def with_connection(pool, work: Callable, attempts: int = 3):
     """work(conn) on a pooled connection, run again (on a fresh checkout) when PostgreSQL rolled
-    its transaction back with 40001 or 40P01. `work` must be one whole transaction (one
-    autocommit statement, or a conn.transaction() block) so that a retry repeats all of it; when
-    the attempts run out the error reaches shim.http_errors, which answers 503 with Retry-After."""
+    its transaction back with 40001 or 40P01, or refused it on a read-only session (25006, whose
+    session is closed first). `work` must be one whole transaction (one autocommit statement, or
+    a conn.transaction() block) so that a retry repeats all of it; when the attempts run out the
+    error reaches shim.http_errors, which answers 503 with Retry-After."""
 
     def attempt():
         with pool.connection() as conn:
-            return work(conn)
+            try:
+                return work(conn)
+            except psycopg.errors.ReadOnlySqlTransaction:
+                # 25006: a session that began while the database took no writes (a standby after a
+                # failover, default_transaction_read_only) stays read-only for its whole life.
+                # Closed, the pool opens a fresh one for the next request, which writes once the
+                # database does again.
+                conn.close()
+                raise
 
-    return with_backoff(attempt, retryable=ROLLED_BACK, attempts=attempts, base_delay=0.05, max_delay=0.5)
+    return with_backoff(
+        attempt,
+        retryable=(*ROLLED_BACK, psycopg.errors.ReadOnlySqlTransaction),
+        attempts=attempts,
+        base_delay=0.05,
+        max_delay=0.5,
+    )
