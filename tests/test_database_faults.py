@@ -9,7 +9,9 @@ from tests.db_helpers import open_wallet, route_assistant
 from tests.senders import post_vapi
 
 
-def test_a_read_only_database_is_503_and_pooled_sessions_recover_when_it_is_lifted(client, service, db):
+def test_a_read_only_database_is_503_and_pooled_sessions_recover_when_it_is_lifted(
+    client, service, db, db_url
+):
     """A database that takes no writes (default_transaction_read_only, as a standby after a
     failover) answers 503 with Retry-After, never 500. Sessions the pool opened meanwhile stayed
     read-only after it was lifted (31 more failures in 5 s, for up to their one-hour lifetime):
@@ -33,7 +35,7 @@ def test_a_read_only_database_is_503_and_pooled_sessions_recover_when_it_is_lift
     answer = post_vapi(client, message)
     assert answer.status_code == 200, answer.get_data(as_text=True)
     assert json.loads(answer.get_data())["status"] == "processed"
-    with psycopg.connect(db.info.dsn) as fresh:
+    with psycopg.connect(db_url) as fresh:  # a new session: nothing pooled, nothing cached
         assert fresh.execute("SELECT count(*) FROM billing.webhook_events").fetchone()[0] == 1
 
 
