@@ -1,4 +1,5 @@
-"""Settings from the environment (DESIGN.md, "Environment"): read once, passed explicitly."""
+"""Settings from the environment (README, "Endpoints, secrets and answers"): read once, passed
+explicitly."""
 
 import os
 from dataclasses import dataclass, field

@@ -2,7 +2,7 @@
 
 The health numbers are not public: they show suspended wallets, failing providers and open
 discrepancies, and each scrape queries the database. With METRICS_TOKEN unset, /metrics answers
-503 not_configured, like a provider endpoint without its secret (DESIGN.md, Environment): a
+503 not_configured, like a provider endpoint without its secret (README, Endpoints): a
 billing system never serves them to anyone by default, and the operator sees at once why the
 scrape fails (the target is down in Prometheus, BillingMetricsAbsent fires) instead of finding
 out later that the numbers were open. There is no opt-out: a private network is no reason to

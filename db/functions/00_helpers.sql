@@ -17,7 +17,7 @@ BEGIN
     ERRCODE = '22023',
     MESSAGE = pg_catalog.format('invalid %s: %s', p_field, p_problem),
     COLUMN = p_field,
-    HINT = 'See the function''s contract in DESIGN.md.';
+    HINT = 'See the function''s contract in README.md, "The money functions".';
 END
 $$;
 

@@ -4,7 +4,7 @@
 
 -- Take a claim when the org is below its threshold and none is pending or cooling down, within
 -- its spend cap per rolling 24 hours. Callers hold the wallet lock; the advisory lock and the
--- partial unique index make the rule hold even for a caller that does not (DESIGN.md: never a
+-- partial unique index make the rule hold even for a caller that does not (never a
 -- session-level advisory lock). The cap is summed under the same lock, so concurrent debits
 -- can never together take more than it.
 CREATE OR REPLACE FUNCTION billing._maybe_claim_recharge(p_org_id uuid)

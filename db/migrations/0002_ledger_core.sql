@@ -12,7 +12,7 @@ ALTER DEFAULT PRIVILEGES IN SCHEMA billing REVOKE EXECUTE ON FUNCTIONS FROM PUBL
 REVOKE ALL ON SCHEMA billing FROM PUBLIC;
 REVOKE ALL ON SCHEMA api FROM PUBLIC;
 
--- The answer of every money-moving function (DESIGN.md, "Result type").
+-- The answer of every money-moving function (README, "The money functions").
 CREATE TYPE api.op_result AS (
   status        text,
   entry_id      bigint,
@@ -21,7 +21,7 @@ CREATE TYPE api.op_result AS (
   reason        text
 );
 
--- What wallet functions return (DESIGN.md: at least org_id, currency, balance_minor, held_minor,
+-- What wallet functions return (README, "The money functions": at least org_id, currency, balance_minor, held_minor,
 -- available_minor, debt_limit_minor, status), plus pricing and auto-recharge settings.
 CREATE TYPE api.wallet_row AS (
   org_id                        uuid,
