@@ -32,7 +32,6 @@ class Phone:
         self.secret = None
         self.lock = threading.Lock()
         self.live = {}  # call id -> {"call", "talk_seconds", "cap"}
-        self.ended = {}  # call id -> the ended Call
         self.end_requests = []  # every end-call received: [call id, ...]
         self.http = requests.Session()
 
@@ -100,8 +99,6 @@ class Phone:
         if call.get("assistantOverrides"):
             ended["assistantOverrides"] = call["assistantOverrides"]
         ended["monitor"] = call["monitor"]
-        with self.lock:
-            self.ended[call["id"]] = ended
         self.record(ended)
         self.send(payloads.vapi_end_of_call_report(ended))
         return ended
@@ -131,8 +128,6 @@ class Phone:
             phone_number_id=call.get("phoneNumberId"),
         )
         ended["monitor"] = call["monitor"]
-        with self.lock:
-            self.ended[call["id"]] = ended
         self.record(ended)
         self.send(payloads.vapi_end_of_call_report(ended))
         return True
